@@ -1,0 +1,1 @@
+"""Readers for webdataset shards and caption tables."""

@@ -1,0 +1,37 @@
+"""Resolve a user's shard spec into a sorted list of tar files.
+
+Accepted forms: a brace pattern (`data/cc3m-{0000..0575}.tar`), a glob (`data/*.tar`),
+a folder (every `*.tar` in it), one file, or a list of any of these.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable
+from pathlib import Path
+
+import braceexpand
+
+from flame.errors import FlameError
+
+
+def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    found: list[Path] = []
+    for item in specs:
+        item = str(item)
+        if Path(item).is_dir():
+            found.extend(sorted(Path(item).glob("*.tar")))
+            continue
+        for pattern in braceexpand.braceexpand(item):
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            found.extend(Path(m) for m in matches if Path(m).is_file())
+    if not found:
+        raise FlameError(f"no shard files match {', '.join(map(str, specs))}")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def shard_name(path: Path) -> str:
+    """The store's name for a shard: its file name without `.tar`."""
+    return path.name[: -len(".tar")] if path.name.endswith(".tar") else path.name
