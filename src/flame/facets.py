@@ -1,0 +1,265 @@
+"""FacetEncoder: one packed forward pass per caption answers all K facet prompts.
+
+Layout of one caption:  [prefix(caption)] [facet 1] [facet 2] ... [facet K]
+Facet-decoupled attention: a prefix token sees the prefix causally; a facet token sees
+the whole prefix and the earlier tokens of its own facet, never another facet. With
+"restart" positions every facet is numbered as if it followed the prefix alone, so the
+packed pass equals K separate passes exactly; "continue" numbers tokens 0..T-1 as the
+released FLAME code does. The embedding of a facet is the hidden state at its last token
+after the chosen decoder block(s) (before the final norm).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flame.errors import FlameError
+from flame.prompts import PromptSet, clean_caption, load_prompt_set
+
+log = logging.getLogger(__name__)
+POSITIONS = ("restart", "continue")
+
+
+@dataclass
+class _Item:
+    """Token ids of one sequence: a prefix and the facets that share it."""
+
+    prefix: list[int]
+    facets: list[list[int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(f) for f in self.facets)
+
+
+class _Stop(Exception):
+    """Raised by the hook on the deepest needed block: nothing above it is computed."""
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of decoder blocks, found by shape rather than by architecture name."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise FlameError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
+
+
+def resolve_layers(layer: int | Sequence[int], n_layers: int) -> list[int]:
+    """1-based block indices as in the paper (39 of 40); negative counts from the top."""
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if not layers:
+        raise FlameError("layer: give at least one block index")
+    out = []
+    for i in layers:
+        j = i + n_layers + 1 if i < 0 else i
+        if not 1 <= j <= n_layers:
+            raise FlameError(
+                f"layer {i} is out of range for a model with {n_layers} blocks "
+                f"(use 1..{n_layers}, or -{n_layers}..-1 counting from the top)"
+            )
+        out.append(j)
+    return out
+
+
+class FacetEncoder:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        prompts: str | PromptSet = "long",
+        layer: int | Sequence[int] = -2,
+        positions: str = "restart",
+        batch_tokens: int = 16384,
+        max_batch: int = 64,
+        max_length: int | None = None,
+    ):
+        if positions not in POSITIONS:
+            raise FlameError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.prompts = load_prompt_set(prompts)
+        self.positions = positions
+        self.layer = resolve_layers(layer, model.config.num_hidden_layers)
+        self.batch_tokens, self.max_batch = batch_tokens, max_batch
+        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
+        self.truncated = 0  # captions whose text was shortened to fit the context, over the encoder's life
+        self.tokens = 0  # non-padding tokens run through the model, for throughput figures
+        self._blocks = decoder_layers(model)
+        before, after = self.prompts.split_prefix()
+        # Whitespace that ends the prefix starts the first facet token instead (" this", not " " + "this"),
+        # so the packed text tokenizes as the natural sentence would.
+        self._before, self._after = before, after.rstrip()
+        lead = after[len(self._after) :]
+        self._facet_ids = [self._ids(lead + f) for f in self.prompts.facets]
+        self._first_facet_continue = self._ids(lead + self.prompts.sep + self.prompts.facets[0])
+
+    @property
+    def k(self) -> int:
+        return self.prompts.k
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def _ids(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    # ---- tokenization -------------------------------------------------------------------------
+    def _facets(self) -> list[list[int]]:
+        if self.positions == "continue":
+            return [self._first_facet_continue] + self._facet_ids[1:]
+        return self._facet_ids
+
+    def _prefix(self, caption: str) -> tuple[list[int], bool]:
+        """Prefix ids for one caption, shortening only the caption when the sequence would
+        not fit the model's context. Returns (ids, truncated)."""
+        facets = self._facets()
+        room = self.max_length - (
+            sum(map(len, facets)) if self.positions == "continue" else max(map(len, facets))
+        )
+        ids = self._ids(self._before + caption + self._after, special=True)
+        if len(ids) <= room:
+            return ids, False
+        enc = self.tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
+        keep = len(enc["input_ids"]) - (len(ids) - room)
+        while keep > 0:
+            cut = caption[: enc["offset_mapping"][keep - 1][1]]
+            ids = self._ids(self._before + cut + self._after, special=True)
+            if len(ids) <= room:
+                return ids, True
+            keep -= 1
+        ids = self._ids(self._before + self._after, special=True)
+        if len(ids) > room:
+            raise FlameError(f"the prompt set {self.prompts.name!r} alone does not fit in {self.max_length} tokens")
+        return ids, True
+
+    def _items(self, captions: list[str], packed: bool) -> tuple[list[_Item], list[tuple[int, int]]]:
+        """Sequences to run and, per (caption, facet), where its embedding comes from."""
+        items, where = [], []
+        facets = self._facets()
+        for cap in captions:
+            prefix, cut = self._prefix(cap)
+            self.truncated += cut
+            if packed:
+                where.extend((len(items), k) for k in range(len(facets)))
+                items.append(_Item(prefix, facets))
+            else:
+                where.extend((len(items) + k, 0) for k in range(len(facets)))
+                items.extend(_Item(prefix, [f]) for f in facets)
+        return items, where
+
+    # ---- batching and masks -------------------------------------------------------------------
+    def _batches(self, items: list[_Item]) -> list[list[int]]:
+        """Length-sorted batches under a padded-token budget: little padding, bounded memory."""
+        order = sorted(range(len(items)), key=lambda i: -items[i].length)
+        batches, cur = [], []
+        for i in order:
+            longest = items[cur[0]].length if cur else items[i].length
+            if cur and (len(cur) >= self.max_batch or (len(cur) + 1) * longest > self.batch_tokens):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        return batches + ([cur] if cur else [])
+
+    def _tensors(self, items: list[_Item]):
+        """input ids, additive 4-D mask, position ids and last-token index of each facet."""
+        pad = self.tokenizer.pad_token_id or 0
+        T = max(it.length for it in items)
+        B = len(items)
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        group = torch.full((B, T), -1, dtype=torch.long)  # 0 prefix, k>0 facet k, -1 padding
+        last = torch.zeros((B, max(len(it.facets) for it in items)), dtype=torch.long)
+        for b, it in enumerate(items):
+            P = len(it.prefix)
+            ids[b, :P] = torch.tensor(it.prefix)
+            pos[b, :P] = torch.arange(P)
+            group[b, :P] = 0
+            t = P
+            for k, f in enumerate(it.facets):
+                n = len(f)
+                ids[b, t : t + n] = torch.tensor(f)
+                start = t if self.positions == "continue" else P
+                pos[b, t : t + n] = torch.arange(start, start + n)
+                group[b, t : t + n] = k + 1
+                t += n
+                last[b, k] = t - 1
+        q, kv = group[:, :, None], group[:, None, :]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        allowed = causal & (kv >= 0) & (q >= 0) & ((kv == 0) | (kv == q))
+        allowed |= torch.eye(T, dtype=torch.bool)  # padding rows see themselves: no all-masked rows
+        dtype = self.model.dtype
+        mask = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        return ids, mask, pos, last
+
+    # ---- forward ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _hidden(self, items: list[_Item]) -> torch.Tensor:
+        """Run one batch; -> [B, max facets, D] float32 at each facet's last token."""
+        ids, mask, pos, last = self._tensors(items)
+        device = next(self.model.parameters()).device
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(self.layer)
+
+        def hook(index):
+            def fn(module, args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == deepest:
+                    raise _Stop
+
+            return fn
+
+        handles = [self._blocks[i - 1].register_forward_hook(hook(i)) for i in set(self.layer)]
+        try:
+            self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=pos.to(device),
+                use_cache=False,
+            )
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        self.tokens += sum(it.length for it in items)
+        hidden = torch.stack([captured[i].float() for i in self.layer]).mean(0)
+        index = last.to(device)[:, :, None].expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index).cpu()
+
+    def encode(
+        self,
+        captions: Sequence[str],
+        packed: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Captions -> float32 [N, K, D] facet embeddings (not normalised). Identical captions
+        are computed once. `packed=False` runs the K facets as separate sequences (the
+        reference the packed pass is checked against). `progress(captions, tokens)` is
+        called after every batch."""
+        cleaned = [clean_caption(c) for c in captions]
+        unique = list(dict.fromkeys(cleaned))
+        out = torch.empty(len(unique), self.k, self.dim)
+        if unique:
+            before = self.truncated
+            items, where = self._items(unique, packed)
+            slot = {}  # (item, facet-in-item) -> flat (caption, facet)
+            for flat, key in enumerate(where):
+                slot[key] = flat
+            flat_out = out.view(-1, self.dim)
+            for batch in self._batches(items):
+                hidden = self._hidden([items[i] for i in batch])
+                for row, i in enumerate(batch):
+                    for f in range(len(items[i].facets)):
+                        flat_out[slot[(i, f)]] = hidden[row, f]
+                if progress:
+                    n_caps = len(batch) if packed else len(batch) / self.k
+                    progress(n_caps, sum(items[i].length for i in batch))
+            if self.truncated > before:
+                log.warning("%d caption(s) truncated to fit %d tokens", self.truncated - before, self.max_length)
+        index = {c: i for i, c in enumerate(unique)}
+        return out[[index[c] for c in cleaned]] if len(unique) != len(cleaned) else out

