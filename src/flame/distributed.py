@@ -1,0 +1,137 @@
+"""Every torch.distributed concern of training in one place.
+
+`flame train` runs as one process per device, launched by torchrun (single or multi node);
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which `init()`
+reads. Without them everything here degrades to single-process no-ops.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str = "auto") -> torch.device:
+    """Initialise the process group from torchrun's env (nccl on CUDA, gloo on CPU) and
+    return this process's device."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            from flame.errors import FlameError
+
+            raise FlameError("--device cuda requested but no CUDA device is available")
+        if device == "cuda":
+            device = f"cuda:{local_rank()}"
+        torch.cuda.set_device(torch.device(device))
+    dev = torch.device(device)
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+    return dev
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_gather_constant(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, in rank order. No gradient flows back:
+    this is for constant inputs (the frozen LLM's text embeddings). Same shape on all ranks."""
+    if world_size() == 1:
+        return x
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x / world_size()
+
+
+def all_reduce_sum_int(values: list[int], device: torch.device) -> list[int]:
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (e.g. a validation error message)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@contextmanager
+def no_sync(model: torch.nn.Module, skip: bool):
+    """DDP's no_sync() for gradient-accumulation micro-steps (no-op otherwise)."""
+    if skip and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
