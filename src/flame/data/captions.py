@@ -1,0 +1,160 @@
+"""Caption readers: text members of webdataset shards (images are never read into
+memory or decoded) and caption tables keyed by the webdataset `__key__`.
+
+Table formats, chosen by file suffix: `.json` (a list of objects, as the FLAME
+recaption release), `.jsonl` / `.ndjson` (one object per line), `.csv` (header row),
+`.parquet`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from flame.errors import FlameError
+
+TABLE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
+KEY_FIELD = "__key__"
+
+
+class ShardError(FlameError):
+    """One shard cannot be read (corrupt, truncated, duplicate members): the shard is
+    reported and skipped, the rest of the run goes on."""
+
+
+@dataclass
+class ShardCaptions:
+    keys: list[str]  # every sample key in tar order (samples with any member)
+    text: dict[str, dict[str, str]] = field(default_factory=dict)  # ext -> key -> text
+
+
+def read_shard_captions(path: str | Path, exts: Iterable[str]) -> ShardCaptions:
+    """Keys of every sample in a webdataset tar and the text of its members with the
+    given extensions (`txt`, ...). Other members (images) are skipped unread, using
+    webdataset's own tar iteration and key/extension split."""
+    exts = {e.lower() for e in exts}
+    keys: dict[str, None] = {}
+    text: dict[str, dict[str, str]] = {e: {} for e in exts}
+
+    def select(fname: str) -> bool:
+        key, ext = base_plus_ext(fname)
+        if key is None:
+            return False
+        keys.setdefault(key)
+        return ext.lower() in exts
+
+    try:
+        with open(path, "rb") as f:
+            for member in tar_file_iterator(f, select_files=select):
+                key, ext = base_plus_ext(member["fname"])
+                table = text[ext.lower()]
+                if key in table:
+                    raise ShardError(f"duplicate member {member['fname']}")
+                table[key] = member["data"].decode("utf-8", errors="replace")
+    except ShardError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        reason = str(e).split(" @ ")[0] or e.__class__.__name__
+        raise ShardError(f"unreadable tar ({reason})") from e
+    return ShardCaptions(list(keys), text)
+
+
+class CaptionTable:
+    """A table of captions keyed by `__key__` (or another key field). Only the columns
+    asked for are kept, as plain dicts key -> text."""
+
+    def __init__(self, path: str | Path, key_field: str = KEY_FIELD):
+        self.path = Path(path)
+        self.key_field = key_field
+        if not self.path.is_file():
+            raise FlameError(f"caption table not found: {self.path}")
+        if self.path.suffix.lower() not in TABLE_SUFFIXES:
+            raise FlameError(
+                f"caption table {self.path}: unknown format {self.path.suffix!r} (use {', '.join(TABLE_SUFFIXES)})"
+            )
+        self._columns: dict[str, dict[str, str | None]] = {}
+        self.duplicates = 0
+
+    def column(self, name: str) -> dict[str, str | None]:
+        """key -> caption (None where the table holds a null)."""
+        self.load([name])
+        return self._columns[name]
+
+    def load(self, names: Iterable[str]) -> None:
+        todo = [n for n in dict.fromkeys(names) if n not in self._columns]
+        if todo:
+            self._columns.update(self._load(todo))
+
+    # ---- readers ----------------------------------------------------------------------
+    def _rows(self, names: list[str]) -> tuple[list[str], Iterable[tuple]]:
+        """(available column names, iterator of tuples (key, *names))."""
+        suffix = self.path.suffix.lower()
+        kf = self.key_field
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                schema = pq.read_schema(self.path)
+                cols = [n for n in [kf, *names] if n in schema.names]
+                if kf not in cols or len(cols) < len(names) + 1:
+                    return list(schema.names), iter(())
+                data = pq.read_table(self.path, columns=[kf, *names]).to_pydict()
+            except Exception as e:  # pyarrow raises many types for a bad file
+                raise FlameError(f"caption table {self.path}: cannot read Parquet ({str(e).splitlines()[0]})") from e
+            return list(schema.names), zip(*(data[c] for c in [kf, *names]))
+        if suffix == ".csv":
+            try:
+                with open(self.path, newline="", encoding="utf-8") as f:
+                    reader = csv.DictReader(f)
+                    header = list(reader.fieldnames or [])
+                    rows = [(row.get(kf), *(row.get(n) for n in names)) for row in reader]
+            except (csv.Error, UnicodeDecodeError) as e:
+                raise FlameError(f"caption table {self.path}: cannot read CSV ({e})") from e
+            return header, rows
+        try:
+            if suffix == ".json":
+                records = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(records, dict):  # {key: caption} or {key: {...}}
+                    records = [{kf: k, **(v if isinstance(v, dict) else {"caption": v})} for k, v in records.items()]
+            else:
+                records = [
+                    json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()
+                ]
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FlameError(f"caption table {self.path}: invalid JSON ({e.__class__.__name__}: {e})") from e
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise FlameError(f"caption table {self.path}: expected a list of objects with {kf!r} and caption fields")
+        header = list(dict.fromkeys(k for r in records[:1000] for k in r))
+        for n in [kf, *names]:
+            if n not in header and any(n in r for r in records):
+                header.append(n)
+        return header, ((r.get(kf), *(r.get(n) for n in names)) for r in records)
+
+    def _load(self, names: list[str]) -> dict[str, dict[str, str | None]]:
+        header, rows = self._rows(names)
+        if self.key_field not in header:
+            raise FlameError(
+                f"caption table {self.path} has no key field {self.key_field!r} "
+                f"(fields: {', '.join(header[:12]) or 'none'}); set --key-field"
+            )
+        for n in names:
+            if n not in header:
+                raise FlameError(f"caption table {self.path} has no column {n!r} (columns: {', '.join(header[:12])})")
+        out: dict[str, dict[str, str | None]] = {n: {} for n in names}
+        for key, *values in rows:
+            if key is None:
+                continue
+            key = str(key)
+            first = out[names[0]]
+            if key in first:
+                self.duplicates += 1  # the first occurrence wins
+                continue
+            for n, v in zip(names, values):
+                out[n][key] = None if v is None else str(v)
+        return out

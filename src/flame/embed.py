@@ -1,0 +1,750 @@
+"""`flame embed`: run a frozen LLM once over every caption of a corpus and store the
+L2-normalised facet embeddings, one store shard per input tar shard.
+
+Captions come from text members of the tar shards (`txt`, never decoding images) and/or
+from caption tables keyed by `__key__`. `--prompts SET=SOURCE ...` maps each prompt set
+to its caption source; facets are stored in the order the sets are given.
+
+Scale-out: under torchrun every rank takes every WORLD_SIZE-th shard still to do (rank 0
+holds the store lock, checks the manifest and hands out the list; a gloo process group
+carries only that decision and the final summary). `--devices cuda:0,cuda:1` does the
+same from one command by starting one worker per device. Rerunning the command skips
+complete shards; everything is written to temporary names and renamed, and shard bytes
+depend only on the shard's own captions, so a killed run resumed ends byte-identical to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+from flame.data.captions import CaptionTable, ShardError, read_shard_captions
+from flame.data.shards import expand_shards, shard_name
+from flame.errors import FlameError
+from flame.prompts import PromptSet, clean_caption, load_prompt_set
+from flame.store import DTYPES, EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+caption sources (--prompts SET=SOURCE):
+  SET     a built-in prompt set (raw: 1 facet, short: 3, long: 7) or a YAML/JSON prompt-set file
+  SOURCE  EXT          text of the shard member KEY.EXT, e.g. txt
+          TABLE:COLUMN column COLUMN of a table given with --captions, found by the TABLE
+                       name (--captions NAME=FILE) or the file's stem (--captions FILE)
+
+  the paper's 11 embeddings per image (1 raw + 3 short + 7 long):
+    flame embed --data 'cc3m/{00000..00575}.tar' --captions recap=cc3m_recaptions.json \\
+        --prompts raw=txt short=recap:short_caption long=recap:long_caption \\
+        --llm mistralai/Mistral-Nemo-Instruct-2407 --layer 39 --out cc3m-emb
+
+  on 8 GPUs (one process per GPU; add --nnodes/--node_rank/--rdzv-endpoint for several machines):
+    torchrun --nproc_per_node 8 -m flame embed ...same flags...
+
+bad input: a shard that cannot be read is reported and skipped (exit 2 at the end, rerun to
+retry it); a sample whose caption is missing (no KEY.EXT member, key not in the table, null
+value) is left out of its shard's rows and counted (--on-missing skip), or stops the run
+(--on-missing error); an empty caption is embedded as empty text and counted (--on-empty embed),
+left out (skip) or stops the run (error).
+"""
+
+
+# ---- configuration ------------------------------------------------------------------------
+@dataclass
+class Source:
+    prompts: PromptSet
+    spec: str  # as typed
+    ext: str | None = None  # shard member extension
+    table: str | None = None  # table name
+    column: str | None = None
+    offset: int = 0  # first facet column in the store
+
+    @property
+    def describe(self) -> str:
+        return self.ext if self.ext else f"{self.table}:{self.column}"
+
+
+@dataclass
+class Config:
+    shards: list[Path]
+    sources: list[Source]
+    tables: dict[str, Path]
+    out: Path
+    layer: list[int]
+
+
+def _parse_layer(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FlameError(
+            f"--layer: expected an integer or a comma-separated list (e.g. -2 or 38,39), not {text!r}"
+        ) from None
+
+
+def _parse_tables(specs: list[str]) -> dict[str, Path]:
+    tables: dict[str, Path] = {}
+    for spec in specs or []:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            name, file = Path(spec).stem, spec
+        if not name or not file:
+            raise FlameError(f"--captions {spec!r}: expected FILE or NAME=FILE")
+        if name in tables and tables[name] != Path(file):
+            raise FlameError(f"--captions: two tables are named {name!r}; name them with NAME=FILE")
+        if not Path(file).is_file():
+            raise FlameError(f"caption table not found: {file}")
+        tables[name] = Path(file)
+    return tables
+
+
+def _parse_sources(specs: list[str], tables: dict[str, Path]) -> list[Source]:
+    sources: list[Source] = []
+    for spec in specs:
+        set_name, sep, src = spec.partition("=")
+        if not sep or not set_name or not src:
+            raise FlameError(f"--prompts {spec!r}: expected SET=SOURCE, e.g. raw=txt or long=recap:long_caption")
+        prompts = load_prompt_set(set_name)
+        if any(s.prompts.name == prompts.name for s in sources):
+            raise FlameError(f"--prompts: prompt set {prompts.name!r} is given twice")
+        if ":" in src:
+            table, _, column = src.rpartition(":")
+            if table not in tables:
+                known = ", ".join(tables) or "none given"
+                raise FlameError(
+                    f"--prompts {spec!r}: no caption table named {table!r} (tables: {known}); add --captions NAME=FILE"
+                )
+            sources.append(Source(prompts, spec, table=table, column=column))
+        else:
+            if not src.replace("_", "").replace(".", "").isalnum():
+                raise FlameError(f"--prompts {spec!r}: {src!r} is not a member extension like txt")
+            sources.append(Source(prompts, spec, ext=src.lower()))
+    offset = 0
+    for s in sources:
+        s.offset, offset = offset, offset + s.prompts.k
+    return sources
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.batch_tokens < 1 or args.max_batch < 1 or args.chunk < 1:
+        raise FlameError("--batch-tokens, --max-batch and --chunk must be positive")
+    tables = _parse_tables(args.captions)
+    sources = _parse_sources(args.prompts, tables)
+    shards = expand_shards(args.data)
+    names = [shard_name(p) for p in shards]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise FlameError(f"two input shards share the name {dup!r}; store shards are named by file name")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FlameError(f"--out {out} exists and is not a folder")
+    return Config(shards, sources, tables, out, _parse_layer(args.layer))
+
+
+# ---- distributed --------------------------------------------------------------------------
+class _PeerFailed(Exception):
+    """Rank 0 reported an error (and printed it); other ranks exit quietly."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    group: bool = False
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        d = cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                # long timeout: ranks wait for each other only at the start and the end
+                dist.init_process_group("gloo", timeout=timedelta(days=7))
+            d.group = True
+        return d
+
+    def broadcast(self, obj):
+        """rank 0's `obj` on every rank."""
+        if not self.group:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        if not self.group:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _decide(dist: Dist, fn):
+    """Run `fn` on rank 0 and hand its result to every rank; a FlameError on rank 0 is
+    raised there and turns into a quiet exit elsewhere."""
+    if dist.rank == 0:
+        try:
+            result = ("ok", fn())
+        except FlameError as e:
+            dist.broadcast(("error", str(e)))
+            raise
+        return dist.broadcast(result)[1]
+    status, value = dist.broadcast(None)
+    if status != "ok":
+        raise _PeerFailed(value)
+    return value
+
+
+# ---- the lock -----------------------------------------------------------------------------
+class StoreLock:
+    """An exclusive flock on STORE/.lock for the whole job. The kernel drops it when the
+    process dies, even by SIGKILL, so it never goes stale."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        self.file = open(path / ".lock", "a+")  # noqa: SIM115 (held for the job)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise FlameError(
+                f"store {path} is being written by another flame embed (lock {path / '.lock'} is held); "
+                "wait for it to finish or choose another --out"
+            ) from None
+
+    def release(self) -> None:
+        # a folder this run created and never turned into a store is removed again
+        if self.created and not (self.path / "manifest.json").exists():
+            (self.path / ".lock").unlink(missing_ok=True)
+            for sub in (self.path / "shards", self.path):
+                try:
+                    sub.rmdir()
+                except OSError:
+                    pass
+        self.file.close()
+
+
+# ---- encoding -----------------------------------------------------------------------------
+@dataclass
+class Stats:
+    samples: int = 0
+    done: int = 0
+    failed: list = field(default_factory=list)  # (name, reason)
+    truncated: int = 0
+    missing: int = 0
+    empty: int = 0
+    bytes: int = 0
+    captions: int = 0
+    repeats: int = 0
+    tokens: int = 0
+
+
+def _device(args, dist: Dist) -> str:
+    import torch
+
+    if args.device != "auto":
+        return args.device
+    if torch.cuda.is_available():
+        return f"cuda:{dist.local_rank % torch.cuda.device_count()}" if dist.world > 1 else "cuda"
+    return "cpu"
+
+
+def _llm_dtype(name: str):
+    import torch
+
+    return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _load_encoders(args, cfg: Config, device: str):
+    from transformers.utils import logging as hf_logging
+
+    from flame.facets import FacetEncoder
+    from flame.llm import llm_fingerprint, load_llm
+
+    hf_logging.disable_progress_bar()  # one progress bar per run: ours
+
+    model, tokenizer = load_llm(args.llm, device=device, dtype=_llm_dtype(args.llm_dtype))
+    encoders = [
+        FacetEncoder(
+            model,
+            tokenizer,
+            prompts=s.prompts,
+            layer=cfg.layer,
+            positions=args.positions,
+            batch_tokens=args.batch_tokens,
+            max_batch=args.max_batch,
+        )
+        for s in cfg.sources
+    ]
+    return model, encoders, llm_fingerprint(model)
+
+
+def _manifest(args, cfg: Config, encoders, fingerprint: str) -> dict:
+    sets = []
+    for s in cfg.sources:
+        src = s.ext if s.ext else f"{cfg.tables[s.table].name}:{s.column}"
+        sets.append({**s.prompts.to_dict(), "source": src})
+    return {
+        "format": "flame-embeddings",
+        "version": 1,
+        "llm": {"spec": str(args.llm), "fingerprint": fingerprint},
+        "layer": encoders[0].layer,
+        "positions": args.positions,
+        "prompt_sets": sets,
+        "facets": [f"{s.prompts.name}/{i}" for s in cfg.sources for i in range(s.prompts.k)],
+        "k": sum(e.k for e in encoders),
+        "dim": encoders[0].dim,
+        "dtype": args.dtype,
+        "normalized": True,
+    }
+
+
+def _load_tables(args, cfg: Config) -> dict[str, CaptionTable]:
+    tables = {name: CaptionTable(path, key_field=args.key_field) for name, path in cfg.tables.items()}
+    for s in cfg.sources:
+        if s.table:
+            tables[s.table].load([c.column for c in cfg.sources if c.table == s.table])
+    for name, t in tables.items():
+        if t.duplicates:
+            log.warning("caption table %s: %d repeated keys (the first row of each key is used)", name, t.duplicates)
+    return tables
+
+
+def _shard_rows(name: str, path: Path, cfg: Config, tables, args, stats: Stats):
+    """-> (keys kept, per-source caption lists). Raises ShardError for an unreadable tar."""
+    exts = {s.ext for s in cfg.sources if s.ext}
+    sc = read_shard_captions(path, exts)
+    lookups = [sc.text[s.ext] if s.ext else tables[s.table].column(s.column) for s in cfg.sources]
+    keys: list[str] = []
+    captions: list[list[str]] = [[] for _ in cfg.sources]
+    for key in sc.keys:
+        caps = [lk.get(key) for lk in lookups]
+        if any(c is None for c in caps):
+            src = cfg.sources[next(i for i, c in enumerate(caps) if c is None)]
+            where = f"member {key}.{src.ext}" if src.ext else f"key {key!r} in table {src.table} column {src.column!r}"
+            if args.on_missing == "error":
+                raise FlameError(
+                    f"shard {name}: no caption for {src.prompts.name} ({where} is missing); "
+                    "--on-missing skip leaves such samples out"
+                )
+            stats.missing += 1
+            continue
+        n_empty = sum(not c.strip() for c in caps)
+        if n_empty:
+            if args.on_empty == "error":
+                raise FlameError(f"shard {name}: sample {key!r} has an empty caption; --on-empty embed|skip accepts it")
+            stats.empty += n_empty
+            if args.on_empty == "skip":
+                continue
+        keys.append(key)
+        for i, c in enumerate(caps):
+            captions[i].append(c)
+    return keys, captions
+
+
+def _encode_shard(writer, keys, captions, cfg: Config, encoders, args, stats: Stats, bar) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    slow = float(os.environ.get("FLAME_TEST_SLOW_BATCH", "0") or 0)  # test hook: widen the kill window
+
+    def progress(n_caps, n_tokens):
+        stats.tokens += n_tokens
+        if bar is not None:
+            bar.update(n_caps)
+            if not bar.disable:
+                elapsed = max(time.perf_counter() - bar.start_t, 1e-9)
+                bar.set_postfix_str(f"{stats.tokens / elapsed:,.0f} tok/s", refresh=False)
+
+    for src, enc, caps in zip(cfg.sources, encoders, captions):
+        facets = slice(src.offset, src.offset + src.prompts.k)
+        first: dict[str, int] = {}
+        unique, dup_dst, dup_src = [], [], []
+        for row, cap in enumerate(caps):
+            c = clean_caption(cap)
+            if c in first:
+                dup_dst.append(row)
+                dup_src.append(first[c])
+            else:
+                first[c] = row
+                unique.append(row)
+        for start in range(0, len(unique), args.chunk):
+            rows = unique[start : start + args.chunk]
+            emb = enc.encode([caps[r] for r in rows], progress=progress)
+            emb = F.normalize(emb.to(torch.float32), dim=-1).numpy()
+            writer.write(np.asarray(rows), emb, facets=facets)
+            if slow:
+                time.sleep(slow)
+        if dup_dst:  # repeated captions: copy the stored vectors, bytes identical to recomputing
+            writer.copy_rows(np.asarray(dup_dst), np.asarray(dup_src), facets=facets)
+            if bar is not None:
+                bar.update(len(dup_dst))
+        stats.captions += len(caps)
+        stats.repeats += len(dup_dst)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _human_time(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _embed(args, cfg: Config, dist: Dist) -> int:
+    t0 = time.perf_counter()
+    held: list[StoreLock] = []
+    _decide(dist, lambda: held.append(StoreLock(cfg.out)))  # rank 0 holds it; the others learn the outcome
+    try:
+        tables = _load_tables(args, cfg)
+        _, encoders, fingerprint = _load_encoders(args, cfg, _device(args, dist))
+        manifest = _manifest(args, cfg, encoders, fingerprint)
+
+        def open_store():
+            store = EmbeddingStore.create(cfg.out, manifest, overwrite=args.overwrite)
+            store.clean_temporaries()
+            names = [shard_name(p) for p in cfg.shards]
+            return [(n, str(p)) for n, p in zip(names, cfg.shards) if not store.is_complete(n)]
+
+        todo = _decide(dist, open_store)
+        store = EmbeddingStore(cfg.out)
+        skipped = len(cfg.shards) - len(todo)
+        mine = todo[dist.rank :: dist.world]
+        stats = Stats()
+        bar = None
+        if dist.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=0,
+                unit="cap",
+                desc=f"embed {len(mine)} shards" + (f" (rank 0 of {dist.world})" if dist.world > 1 else ""),
+                disable=None,
+                dynamic_ncols=True,
+            )
+        truncated0 = [e.truncated for e in encoders]
+        per_shard: list[int] = []
+        for i, (name, path) in enumerate(mine):
+            try:
+                keys, captions = _shard_rows(name, Path(path), cfg, tables, args, stats)
+            except ShardError as e:
+                stats.failed.append((name, str(e)))
+                msg = f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)"
+                (bar.write if bar is not None else print)(msg, file=sys.stderr)
+                continue
+            per_shard.append(len(keys) * len(cfg.sources))
+            if bar is not None:  # total = work so far + this shard + the rest at the mean shard size
+                bar.total = sum(per_shard) + (len(mine) - i - 1) * int(np.mean(per_shard))
+                bar.refresh()
+            writer = store.shard_writer(name, len(keys))
+            try:
+                _encode_shard(writer, keys, captions, cfg, encoders, args, stats, bar)
+                stats.bytes += writer.commit(keys)
+            except BaseException:
+                writer.abort()
+                raise
+            stats.samples += len(keys)
+            stats.done += 1
+        stats.truncated = sum(e.truncated - t for e, t in zip(encoders, truncated0))
+        if bar is not None:
+            bar.close()
+        everyone = dist.gather(stats)
+    finally:
+        for lock in held:
+            lock.release()
+    if dist.rank != 0:
+        return 2 if any(s.failed for s in everyone) else 0
+    total = Stats()
+    for s in everyone:
+        for f in ("samples", "done", "truncated", "missing", "empty", "bytes", "captions", "repeats", "tokens"):
+            setattr(total, f, getattr(total, f) + getattr(s, f))
+        total.failed += s.failed
+    elapsed = time.perf_counter() - t0
+    print(
+        f"flame embed: {total.samples:,} samples, shards {total.done} done / {skipped} skipped / "
+        f"{len(total.failed)} failed, {total.truncated:,} truncated captions, {total.missing:,} samples "
+        f"missing a caption ({args.on_missing}), {total.empty:,} empty captions ({args.on_empty}), "
+        f"{total.repeats:,} repeated captions reused, {_human_bytes(total.bytes)} written to {cfg.out} "
+        f"in {_human_time(elapsed)}"
+    )
+    if total.failed:
+        names = ", ".join(f"{n} ({r})" for n, r in total.failed[:3]) + (" ..." if len(total.failed) > 3 else "")
+        raise FlameError(
+            f"{len(total.failed)} shard{'s' if len(total.failed) > 1 else ''} failed: {names}; "
+            "the other shards are complete, rerun the same command to retry"
+        )
+    return 0
+
+
+# ---- dry run ------------------------------------------------------------------------------
+def _dry_run(args, cfg: Config) -> int:
+    import torch
+
+    t0 = time.perf_counter()
+    tables = _load_tables(args, cfg)
+    stats = Stats()
+    # count every problem instead of stopping at the first one
+    args = argparse.Namespace(
+        **{**vars(args), "on_missing": "skip", "on_empty": "skip" if args.on_empty == "skip" else "embed"}
+    )
+    rows, unique = 0, [0] * len(cfg.sources)
+    key_bytes = 0
+    sample_caps: list[list[str]] = [[] for _ in cfg.sources]
+    for path in cfg.shards:
+        name = shard_name(path)
+        try:
+            keys, captions = _shard_rows(name, path, cfg, tables, args, stats)
+        except ShardError as e:
+            stats.failed.append((name, str(e)))
+            print(f"flame embed: shard {name} would fail: {e}", file=sys.stderr)
+            continue
+        rows += len(keys)
+        key_bytes += len(json.dumps(keys, ensure_ascii=False)) + 1
+        for i, caps in enumerate(captions):
+            u = list(dict.fromkeys(clean_caption(c) for c in caps))
+            unique[i] += len(u)
+            sample_caps[i].extend(u[: 32 - len(sample_caps[i])])
+    device = _device(args, Dist())
+    _, encoders, fingerprint = _load_encoders(args, cfg, device)
+    manifest = _manifest(args, cfg, encoders, fingerprint)
+    k, dim = manifest["k"], manifest["dim"]
+    per_row = k * dim * np.dtype(DTYPES[args.dtype]).itemsize + (4 * k if args.dtype == "int8" else 0)
+    size = rows * per_row + key_bytes + 128 * 2 * len(cfg.shards)
+    seconds = 0.0
+    for enc, caps, n in zip(encoders, sample_caps, unique):
+        if not caps:
+            continue
+        enc.encode(caps[:2])  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        enc.encode(caps)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds += (time.perf_counter() - t) / len(caps) * n
+    existing = ""
+    if (cfg.out / "manifest.json").is_file():
+        from flame.store import manifest_difference
+
+        store = EmbeddingStore(cfg.out)
+        diff = manifest_difference(store.manifest, manifest)
+        done = sum(store.is_complete(shard_name(p)) for p in cfg.shards)
+        existing = (
+            f"; existing store: {done} of {len(cfg.shards)} shards complete (would be skipped)"
+            if diff is None
+            else f"; existing store has different settings ({diff}): needs --overwrite"
+        )
+    print(
+        f"flame embed --dry-run: {len(cfg.shards)} shards, {rows:,} samples to store "
+        f"({stats.missing:,} missing a caption, {stats.empty:,} empty captions, "
+        f"{len(stats.failed)} unreadable shards), {k} facets x {dim} dims {args.dtype}"
+    )
+    print(f"  projected store size: {_human_bytes(size)} ({per_row:,} bytes per sample){existing}")
+    print(
+        f"  projected time on {device}: {_human_time(seconds)} for {sum(unique):,} unique captions "
+        f"(timed on {sum(map(len, sample_caps))} captions; N processes/GPUs divide it by about N); "
+        f"dry run took {_human_time(time.perf_counter() - t0)}"
+    )
+    return 0
+
+
+# ---- several local devices from one process -----------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(index: int, args: argparse.Namespace, devices: list[str], port: int) -> None:
+    os.environ.update(
+        RANK=str(index),
+        LOCAL_RANK=str(index),
+        WORLD_SIZE=str(len(devices)),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    args.device, args.devices = devices[index], None
+    try:
+        code = run(args)
+    except FlameError as e:
+        print(f"flame embed: error: {e}", file=sys.stderr)
+        code = 2
+    if code:
+        sys.exit(code)
+
+
+def _spawn(args: argparse.Namespace, devices: list[str]) -> int:
+    import torch.multiprocessing as mp
+
+    try:
+        mp.start_processes(_spawned, args=(args, devices, _free_port()), nprocs=len(devices), start_method="spawn")
+    except mp.ProcessExitedException as e:
+        return int(e.exit_code or 1)
+    return 0
+
+
+# ---- command ------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flame.llm import DEFAULT_LLM
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    g = parser.add_argument_group("inputs")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="SHARDS",
+        help="webdataset tar shards: brace pattern ('cc3m/{00000..00575}.tar'), glob, folder or list",
+    )
+    g.add_argument(
+        "--captions",
+        nargs="+",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="caption tables keyed by __key__ (.json list, .jsonl, .csv, .parquet); NAME defaults to the file's stem",
+    )
+    g.add_argument(
+        "--prompts",
+        nargs="+",
+        default=["raw=txt"],
+        metavar="SET=SOURCE",
+        help="prompt set -> caption source, e.g. raw=txt short=recap:short long=recap:long "
+        "(default: raw=txt); see below",
+    )
+    g.add_argument("--key-field", default="__key__", help="key field of the caption tables (default: __key__)")
+    g.add_argument(
+        "--on-missing",
+        choices=("skip", "error"),
+        default="skip",
+        help="a sample without a caption for some set: leave it out and count it (default) or stop",
+    )
+    g.add_argument(
+        "--on-empty",
+        choices=("embed", "skip", "error"),
+        default="embed",
+        help="an empty caption: embed it as empty text and count it (default), leave the sample out, or stop",
+    )
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--llm",
+        default=DEFAULT_LLM,
+        help=f"hub id, local model folder, .gguf file or built-in name (default: {DEFAULT_LLM})",
+    )
+    g.add_argument(
+        "--layer",
+        default="-2",
+        help="decoder block(s) whose output is the embedding, 1-based, negative from the top; "
+        "a comma list averages several (default: -2, the paper's 39 of 40)",
+    )
+    g.add_argument(
+        "--positions",
+        choices=("restart", "continue"),
+        default="restart",
+        help="facet position ids: restart (exact = separate passes, default) or continue (the released FLAME code)",
+    )
+    g.add_argument(
+        "--llm-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="LLM weights/compute dtype (default: bf16 on GPU, fp32 on CPU)",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if present)")
+    g.add_argument(
+        "--devices",
+        default=None,
+        metavar="LIST",
+        help="comma list of local devices (cuda:0,cuda:1): one worker per device from one command",
+    )
+    g.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward batch (default 16384)")
+    g.add_argument("--max-batch", type=int, default=64, help="sequences per forward batch at most (default 64)")
+    g.add_argument(
+        "--chunk",
+        type=int,
+        default=1024,
+        help="unique captions handed to the encoder at once (bounds memory; default 1024)",
+    )
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", required=True, type=Path, metavar="STORE", help="the embedding store folder")
+    g.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp16",
+        help="stored dtype: fp16 (default) or int8 with one float32 scale per vector",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing store made with other settings (deletes its shards)",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="count samples, project the store size and the time on this hardware; write nothing",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    under_launcher = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = _config(args)
+    except FlameError:
+        if rank != 0:  # every rank sees the same bad input; rank 0 says it once
+            return 2
+        raise
+    if args.dry_run:
+        return _dry_run(args, cfg) if rank == 0 else 0
+    devices = [d.strip() for d in (args.devices or "").split(",") if d.strip()]
+    if len(devices) > 1 and not under_launcher:
+        return _spawn(args, devices)
+    if len(devices) == 1:
+        args.device = devices[0]
+    logging.getLogger("flame.facets").setLevel(logging.ERROR)  # truncations go to the summary
+    dist = Dist.from_env()
+    try:
+        return _embed(args, cfg, dist)
+    except _PeerFailed:
+        return 2
+    except FlameError:
+        if dist.rank != 0:
+            raise FlameError(f"rank {dist.rank}: {sys.exc_info()[1]}") from None
+        raise
+    finally:
+        dist.close()
