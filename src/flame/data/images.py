@@ -1,0 +1,337 @@
+"""Training data: webdataset image shards joined with the embedding store by (shard, key).
+
+One `TrainStream` runs in every DataLoader worker of every rank and yields whole batches:
+``{"images": uint8 [B,3,S,S], "texts": float16 [B,m,D], "state": {...}}``. Images stay
+uint8 until they reach the device (`normalize_images`), which quarters host->device traffic.
+
+- Splitting: logical worker g = rank * W + w of G = world * W reads shards ``perm[g::G]`` of
+  an epoch's shard permutation; with fewer shards than G every worker reads every shard and
+  keeps samples ``i % G == g`` (sample-level split). No sample is seen twice per epoch.
+- Epochs: each worker's stream is infinite, shards are reshuffled every epoch from
+  (seed, epoch); within a shard the order is the file order (crops and facet choices are
+  random per visit).
+- Randomness: the crop and the m facets of a sample come from an RNG seeded by
+  (seed, epoch, shard, key), never from process RNG, so any worker layout and any resume
+  sees the same values.
+- Position: every batch carries its worker's (epoch, samples passed in that epoch). A resumed
+  stream skips to that point (reading but not decoding the skipped samples), and DataLoader's
+  strict round-robin over workers is restored by rotating logical worker ids (`rotate`).
+- Samples whose key has no stored embedding, or whose image does not decode, are skipped and
+  counted in the batch state (`missing`, `undecodable`); never fatal.
+
+Tar reading is webdataset's (`tarfile_samples`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import tarfile
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flame.data.shards import expand_shards, shard_name
+from flame.errors import FlameError
+
+log = logging.getLogger("flame.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+# --------------------------------------------------------------------------------------
+# facet eligibility
+# --------------------------------------------------------------------------------------
+def eligible_facets(spec: str | Sequence[int] | None, manifest: dict) -> list[int]:
+    """Which of the store's K facets may be sampled as positives.
+
+    `spec`: None / "all"; prompt-set names, e.g. "long" or "short,long" (facets whose name
+    is `SET/i` in the manifest); or indices "0,3,5" (ranges "1-7" allowed)."""
+    names = list(manifest.get("facets") or [])
+    k = int(manifest["k"])
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return list(range(k))
+    if not isinstance(spec, str):
+        idx = [int(i) for i in spec]
+    else:
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        if all(p.replace("-", "").isdigit() for p in parts):
+            idx = []
+            for p in parts:
+                lo, _, hi = p.partition("-")
+                idx.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        else:
+            sets = {n.split("/")[0] for n in names}
+            unknown = [p for p in parts if p not in sets]
+            if unknown:
+                raise FlameError(
+                    f"--facets: prompt set {unknown[0]!r} is not in the store (it has {', '.join(sorted(sets))})"
+                )
+            idx = [i for i, n in enumerate(names) if n.split("/")[0] in parts]
+    bad = [i for i in idx if not 0 <= i < k]
+    if bad:
+        raise FlameError(f"--facets: index {bad[0]} out of range for a store with K={k} facets")
+    if not idx:
+        raise FlameError("--facets selects no facets")
+    return sorted(dict.fromkeys(idx))
+
+
+def sample_seed(seed: int, epoch: int, shard: str, key: str) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + zlib.crc32(f"{shard}/{key}".encode())) & 0xFFFFFFFFFFFF
+
+
+def choose_facets(rng: random.Random, eligible: Sequence[int], m: int) -> list[int]:
+    return sorted(rng.sample(list(eligible), m))
+
+
+def crop_box(rng: random.Random, width: int, height: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (torchvision's algorithm) drawn from `rng`: (left, top, w, h)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def load_image(data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0)) -> torch.Tensor:
+    """Decode, random-resized-crop (or centre-resize when rng is None) -> uint8 [3, S, S]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = Image.open(io.BytesIO(data))
+        img = img.convert("RGB")
+    if rng is None:
+        box = (0, 0, img.width, img.height)
+    else:
+        left, top, w, h = crop_box(rng, img.width, img.height, scale)
+        box = (left, top, left + w, top + h)
+    img = img.resize((size, size), Image.BICUBIC, box=box)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B,3,S,S] -> float32 normalised, on the images' device."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.float().div_(255.0) - mean_t) / std_t
+
+
+# --------------------------------------------------------------------------------------
+# validation (before any training time is spent)
+# --------------------------------------------------------------------------------------
+def resolve_shards(specs: str | Sequence[str]) -> list[Path]:
+    """expand_shards plus a check that every explicitly named file exists (a brace range with
+    one shard missing is an error, not a silently smaller dataset)."""
+    import glob
+
+    import braceexpand
+
+    specs = [specs] if isinstance(specs, str | Path) else list(specs)
+    for item in specs:
+        if Path(str(item)).is_dir():
+            continue
+        for pattern in braceexpand.braceexpand(str(item)):
+            if not glob.has_magic(pattern) and not Path(pattern).is_file():
+                raise FlameError(f"shard {pattern} does not exist")
+    return expand_shards(specs)
+
+
+def tar_keys(path: Path, limit: int | None = None) -> list[str]:
+    """The webdataset keys in a tar (header scan only, no payload read)."""
+    keys: dict[str, None] = {}
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                base = member.name[: len(member.name) - len(name)] + name.split(".", 1)[0]
+                keys[base] = None
+                if limit and len(keys) >= limit:
+                    break
+    except (tarfile.TarError, OSError) as e:
+        raise FlameError(f"cannot read shard {path}: {e}") from e
+    return list(keys)
+
+
+@dataclass
+class DataCheck:
+    shards: list[Path]
+    usable: list[Path]  # shards whose name is in the store
+    missing_shards: list[str] = field(default_factory=list)
+    checked_keys: int = 0
+    matched_keys: int = 0
+
+
+def check_data(shards: Sequence[Path], store, probe: int = 3) -> DataCheck:
+    """Join check between image shards and the store; raises FlameError when nothing joins."""
+    have = set(store.shards)
+    usable = [p for p in shards if shard_name(p) in have]
+    missing = [shard_name(p) for p in shards if shard_name(p) not in have]
+    if not usable:
+        raise FlameError(
+            f"no overlap between the {len(shards)} image shard(s) (e.g. {shard_name(shards[0])}) and the "
+            f"store {store.path} ({len(have)} shard(s)); run flame embed on the same shards"
+        )
+    check = DataCheck(list(shards), usable, missing)
+    for p in usable[:probe]:
+        keys = tar_keys(p)
+        index = store.index(shard_name(p))
+        check.checked_keys += len(keys)
+        check.matched_keys += sum(k in index for k in keys)
+    if check.checked_keys and check.matched_keys == 0:
+        raise FlameError(
+            f"no overlap between shard keys and store keys (checked {check.checked_keys} keys in "
+            f"{min(probe, len(usable))} shard(s), e.g. {shard_name(usable[0])}); was the store made from these shards?"
+        )
+    return check
+
+
+# --------------------------------------------------------------------------------------
+# the stream
+# --------------------------------------------------------------------------------------
+@dataclass
+class StreamConfig:
+    shards: list[str]  # paths
+    store: str
+    image_size: int
+    batch_size: int
+    m: int
+    eligible: list[int]
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    rank: int = 0
+    world: int = 1
+    positions: dict = field(default_factory=dict)  # logical worker -> [epoch, pos]
+    rotate: int = 0
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    def __init__(self, config: StreamConfig):
+        super().__init__()
+        self.config = config
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return 0, 1
+        return (info.id + self.config.rotate) % info.num_workers, info.num_workers
+
+    def _read_text(self, store, name: str, row: int, facets: list[int]) -> np.ndarray:
+        vec = np.asarray(store.array(name)[row, facets], dtype=np.float32)
+        scales = store.scales(name)
+        if scales is not None:
+            vec *= np.asarray(scales[row, facets], dtype=np.float32)[:, None]
+        return vec
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        from flame.store import EmbeddingStore
+
+        c = self.config
+        logical, workers = self._worker()
+        g, G = c.rank * workers + logical, c.world * workers
+        store = EmbeddingStore(c.store)
+        have = set(store.shards)
+        shards = sorted(c.shards)
+        epoch, skip = c.positions.get(logical, c.positions.get(str(logical), (0, 0)))
+        counts = {"missing": 0, "undecodable": 0, "samples": 0}
+        batch_img: list[torch.Tensor] = []
+        batch_txt: list[np.ndarray] = []
+        while True:
+            order = list(shards)
+            random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
+            if len(order) >= G:
+                mine, sample_split = order[g::G], False
+            else:
+                mine, sample_split = order, True
+            pos = 0  # samples of this worker passed in this epoch
+            used_this_epoch = 0
+            stream = wds.tarfile_samples([{"url": u} for u in mine], handler=wds.warn_and_continue)
+            for i, sample in enumerate(stream):
+                if sample_split and i % G != g:
+                    continue
+                pos += 1
+                if pos <= skip:
+                    continue
+                key, url = sample.get("__key__"), sample.get("__url__", "")
+                name = shard_name(Path(url))
+                row = store.index(name).get(key) if name in have else None
+                if row is None:
+                    counts["missing"] += 1
+                    continue
+                data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+                rng = random.Random(sample_seed(c.seed, epoch, name, key))
+                facets = choose_facets(rng, c.eligible, c.m)
+                try:
+                    if data is None:
+                        raise ValueError("no image")
+                    img = load_image(data, c.image_size, rng, c.crop_scale)
+                except Exception:
+                    counts["undecodable"] += 1
+                    continue
+                batch_img.append(img)
+                batch_txt.append(self._read_text(store, name, row, facets))
+                used_this_epoch += 1
+                counts["samples"] += 1
+                if len(batch_img) == c.batch_size:
+                    yield {
+                        "images": torch.stack(batch_img),
+                        "texts": torch.from_numpy(np.stack(batch_txt)).to(torch.float16),
+                        "state": {"worker": logical, "epoch": epoch, "pos": pos, **counts},
+                    }
+                    batch_img, batch_txt = [], []
+            if used_this_epoch == 0 and skip == 0:
+                raise RuntimeError(
+                    f"data worker {g} of {G} found no usable samples in its {len(mine)} shard(s) "
+                    f"({counts['missing']} without embeddings, {counts['undecodable']} undecodable)"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def make_loader(config: StreamConfig, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    kwargs = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": 4, "worker_init_fn": _worker_init, "persistent_workers": False}
+    return torch.utils.data.DataLoader(
+        TrainStream(config), batch_size=None, num_workers=workers, pin_memory=pin_memory, **kwargs
+    )
+
+
+def shards_as_str(paths: Sequence[Path]) -> list[str]:
+    return [str(p) for p in paths]
+
+
+__all__ = [
+    "StreamConfig",
+    "TrainStream",
+    "check_data",
+    "eligible_facets",
+    "make_loader",
+    "normalize_images",
+    "resolve_shards",
+]
