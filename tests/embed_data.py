@@ -88,7 +88,5 @@ def flame(*args, env: dict | None = None, timeout: float = 300, **kw) -> subproc
 def store_files(path: Path) -> dict[str, bytes]:
     """Every file of a store except the lock, by relative path."""
     return {
-        str(p.relative_to(path)): p.read_bytes()
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and p.name != ".lock"
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"
     }

@@ -57,12 +57,31 @@ def read_shard_captions(path: str | Path, exts: Iterable[str]) -> ShardCaptions:
                 if key in table:
                     raise ShardError(f"duplicate member {member['fname']}")
                 table[key] = member["data"].decode("utf-8", errors="replace")
+        _check_end_marker(path)
     except ShardError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         reason = str(e).split(" @ ")[0] or e.__class__.__name__
         raise ShardError(f"unreadable tar ({reason})") from e
     return ShardCaptions(list(keys), text)
+
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+def _check_end_marker(path: str | Path) -> None:
+    """tarfile's stream reader stops quietly when a plain tar is cut short; every tar
+    writer ends the archive with two zero blocks, so a missing marker means truncation.
+    (Compressed tars carry a checksum that the reader already verifies.)"""
+    with open(path, "rb") as f:
+        head = f.read(6)
+        if head.startswith(_COMPRESSED):
+            return
+        size = f.seek(0, 2)
+        f.seek(max(size - 1024, 0))
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise ShardError("unreadable tar (truncated: no end-of-archive marker)")
 
 
 class CaptionTable:
