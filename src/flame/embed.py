@@ -489,7 +489,9 @@ def _embed(args, cfg: Config, dist: Dist) -> int:
         for lock in held:
             lock.release()
     if dist.rank != 0:
-        return 2 if any(s.failed for s in everyone) else 0
+        # rank 0 reports the whole job and exits non-zero if anything failed; exiting 0 here
+        # keeps torchrun from stopping rank 0 before it has printed
+        return 0
     total = Stats()
     for s in everyone:
         for f in ("samples", "done", "truncated", "missing", "empty", "bytes", "captions", "repeats", "tokens"):
@@ -726,8 +728,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
     except FlameError:
-        if rank != 0:  # every rank sees the same bad input; rank 0 says it once
-            return 2
+        if rank != 0:  # every rank sees the same bad input; rank 0 says it once and exits 2
+            return 0
         raise
     if args.dry_run:
         return _dry_run(args, cfg) if rank == 0 else 0
@@ -740,8 +742,8 @@ def run(args: argparse.Namespace) -> int:
     dist = Dist.from_env()
     try:
         return _embed(args, cfg, dist)
-    except _PeerFailed:
-        return 2
+    except _PeerFailed:  # rank 0 printed the error and exits 2
+        return 0
     except FlameError:
         if dist.rank != 0:
             raise FlameError(f"rank {dist.rank}: {sys.exc_info()[1]}") from None
