@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY_CONTEXT = 256
+TINY_CONTEXT = 512
 
 
 def _corpus() -> list[str]:
