@@ -1,7 +1,7 @@
 """Training data: webdataset image shards joined with the embedding store by (shard, key).
 
 One `TrainStream` runs in every DataLoader worker of every rank and yields whole batches:
-``{"images": uint8 [B,3,S,S], "texts": float16 [B,m,D], "state": {...}}``. Images stay
+``{"images": uint8 [B,3,S,S], "texts": float16 [B,m,D], "keys": ["shard/key", ...], "state": {...}}``. Images stay
 uint8 until they reach the device (`normalize_images`), which quarters host->device traffic.
 
 - Splitting: logical worker g = rank * W + w of G = world * W reads shards ``perm[g::G]`` of
@@ -258,6 +258,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         counts = {"missing": 0, "undecodable": 0, "samples": 0}
         batch_img: list[torch.Tensor] = []
         batch_txt: list[np.ndarray] = []
+        batch_keys: list[str] = []
         while True:
             order = list(shards)
             random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
@@ -292,15 +293,17 @@ class TrainStream(torch.utils.data.IterableDataset):
                     continue
                 batch_img.append(img)
                 batch_txt.append(self._read_text(store, name, row, facets))
+                batch_keys.append(f"{name}/{key}")
                 used_this_epoch += 1
                 counts["samples"] += 1
                 if len(batch_img) == c.batch_size:
                     yield {
                         "images": torch.stack(batch_img),
                         "texts": torch.from_numpy(np.stack(batch_txt)).to(torch.float16),
+                        "keys": batch_keys,
                         "state": {"worker": logical, "epoch": epoch, "pos": pos, **counts},
                     }
-                    batch_img, batch_txt = [], []
+                    batch_img, batch_txt, batch_keys = [], [], []
             if used_this_epoch == 0 and skip == 0:
                 raise RuntimeError(
                     f"data worker {g} of {G} found no usable samples in its {len(mine)} shard(s) "

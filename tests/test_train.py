@@ -1,0 +1,351 @@
+"""flame train: validation before training, data pipeline, resume after SIGKILL, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flame.cli import main as flame_main
+from flame.data.shards import shard_name
+
+TINY = ["--tower", "vit-tiny", "--image-size", "32", "--proj-hidden", "32", "--no-progress", "--no-tensorboard"]
+
+
+def bag_of_words_store(shards, out, dim=64, k=1, seed=0):
+    """A store written directly: each caption's embedding is a fixed function of its text (sum of
+    random word vectors, normalised; facet j adds a small facet-specific offset)."""
+    import webdataset as wds
+
+    from flame.store import EmbeddingStore
+
+    rng = np.random.default_rng(seed)
+    vocab: dict[str, np.ndarray] = {}
+    offsets = rng.standard_normal((k, dim)) * 0.3
+
+    def encode(caption: str) -> np.ndarray:
+        v = np.zeros(dim)
+        for w in caption.replace("the ", "").split():
+            if w not in vocab:
+                vocab[w] = rng.standard_normal(dim)
+            v += vocab[w]
+        v = v[None] + offsets
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    facets = [f"raw/{j}" if k == 1 else f"long/{j}" for j in range(k)]
+    manifest = {"llm": {"spec": "bag-of-words", "fingerprint": "bow"}, "layer": 0, "positions": "restart",
+                "prompt_sets": [{"name": facets[0].split("/")[0]}], "facets": facets, "k": k, "dim": dim,
+                "dtype": "fp16", "normalized": True}
+    store = EmbeddingStore.create(out, manifest)
+    for p in shards:
+        keys, vecs = [], []
+        for sample in wds.tarfile_samples([{"url": str(p)}]):
+            keys.append(sample["__key__"])
+            vecs.append(encode(sample["txt"].decode()))
+        store.write_shard(shard_name(Path(p)), keys, np.stack(vecs))
+    return store
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    from flame.data.synthetic import write_shards
+
+    root = tmp_path_factory.mktemp("shapes")
+    shards = write_shards(root / "shards", 96, shard_size=32, size=40, seed=0)
+    bag_of_words_store(shards, root / "store", dim=16, k=3)
+    return root
+
+
+def _run(argv, capsys):
+    code = flame_main(["train", *argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _base(root, out, *extra):
+    return ["--data", str(root / "shards"), "--embeddings", str(root / "store"), "--out", str(out), *TINY,
+            "--batch-size", "8", "--workers", "0", *extra]
+
+
+# ---------------------------------------------------------------------------------------
+# bad input: exit 2, one line, no traceback, nothing trained
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("dim", "D=16 but the model config asks for D=32"),
+        ("k", "K=3 facets but the model config asks for K=7"),
+        ("tower", "unknown tower 'vit-huge-99'"),
+        ("missing_shard", "does not exist"),
+        ("no_overlap", "no overlap between"),
+        ("key_overlap", "no overlap between shard keys and store keys"),
+        ("positives", "--positives 5"),
+        ("facets", "prompt set 'short' is not in the store"),
+    ],
+)
+def test_bad_input_one_line_before_training(case, expect, small_set, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _base(small_set, out, "--steps", "2")
+    if case == "dim":
+        argv += ["--embed-dim", "32"]
+    elif case == "k":
+        argv += ["--k", "7"]
+    elif case == "tower":
+        argv[argv.index("vit-tiny")] = "vit-huge-99"
+    elif case == "missing_shard":
+        argv[1] = str(small_set / "shards" / "shapes-{00000..00003}.tar")  # 00003 does not exist
+    elif case == "no_overlap":
+        from flame.data.synthetic import write_shards
+
+        argv[1] = str(write_shards(tmp_path / "other", 8, shard_size=8, size=40, prefix="other")[0])
+    elif case == "key_overlap":
+        from flame.data.synthetic import write_shards
+
+        # same shard name as the store's, but different keys (another seed)
+        argv[1] = str(write_shards(tmp_path / "same-name", 8, shard_size=8, size=40, seed=7)[0])
+    elif case == "positives":
+        argv += ["--positives", "5"]
+    elif case == "facets":
+        argv += ["--facets", "short"]
+    code, err = _run(argv, capsys)
+    assert code == 2
+    assert expect in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (out / "log.jsonl").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_bad_input_cli_subprocess_has_no_traceback(small_set, tmp_path):
+    argv = _base(small_set, tmp_path / "run", "--steps", "2", "--embed-dim", "99")
+    proc = subprocess.run([sys.executable, "-m", "flame", "train", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "D=16" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_train_writes_checkpoints_logs_and_resume_checks_config(small_set, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 4\nsave_every: 2\nlog_every: 2\nlr: 0.001\nwarmup: 1\nfacets: '0,2'\npositives: 2\n")
+    code, err = _run(_base(small_set, out, "--config", str(cfg)), capsys)
+    assert code == 0, err
+    assert (out / "latest").read_text().strip() == "checkpoint-4"
+    ckpt = out / "checkpoint-4"
+    conf = json.loads((ckpt / "config.json").read_text())
+    assert conf["tower"]["embed_dim"] == 16 and conf["text"]["k"] == 3 and conf["text"]["llm"]["fingerprint"] == "bow"
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state["step"] == 4 and state["optimizer"]["state"] and state["positions"][0]
+    records = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] and all(np.isfinite(r["loss"]) for r in records)
+    assert not list(out.glob(".checkpoint-*"))
+    # the model in the checkpoint loads and encodes
+    from flame.model import FlameModel
+
+    model = FlameModel.load(ckpt)
+    assert model.encode_image(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+    # weight decay groups: matrices decay, norms / biases / logit params do not
+    from flame.train import param_groups
+
+    groups = param_groups(model, 0.5)
+    ids = {id(p) for p in groups[1]["params"]}
+    assert id(model.logit_scale) in ids and id(model.logit_bias) in ids
+    assert id(model.visual.projector[3].weight) in ids and id(model.visual.projector[0].bias) in ids
+    assert id(model.visual.projector[0].weight) not in ids
+
+    # same out without --resume: refused
+    code, err = _run(_base(small_set, out, "--config", str(cfg)), capsys)
+    assert code == 2 and "--resume" in err
+    # resume with a different config: refused unless --force
+    code, err = _run(_base(small_set, out, "--config", str(cfg), "--lr", "0.01", "--resume"), capsys)
+    assert code == 2 and "lr" in err and "--force" in err and len(err.splitlines()) == 1
+    code, err = _run(_base(small_set, out, "--config", str(cfg), "--steps", "6", "--lr", "0.01", "--resume",
+                           "--force"), capsys)
+    assert code == 0, err
+    assert (out / "latest").read_text().strip() == "checkpoint-6"
+
+
+def test_stream_skips_and_counts_missing_and_undecodable(tmp_path):
+    import webdataset as wds
+
+    from flame.data.images import StreamConfig, make_loader
+    from flame.data.synthetic import write_shards
+
+    shards = write_shards(tmp_path / "s", 20, shard_size=20, size=40)
+    store = bag_of_words_store(shards, tmp_path / "store", dim=8)
+    # rewrite the shard: 3 extra samples without embeddings, 2 with corrupt images
+    good = list(wds.tarfile_samples([{"url": str(shards[0])}]))
+    with wds.TarWriter(str(shards[0])) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"nokey{i}", "jpg": good[0]["jpg"], "txt": b"x"})
+        for i, s in enumerate(good):
+            sample = {"__key__": s["__key__"], "jpg": s["jpg"], "txt": s["txt"]}
+            if i in (4, 9):
+                sample["jpg"] = b"not a jpeg"
+            sink.write(sample)
+    cfg = StreamConfig(shards=[str(shards[0])], store=str(store.path), image_size=32, batch_size=5, m=1,
+                       eligible=[0])
+    it = iter(make_loader(cfg, 0))
+    batches = [next(it) for _ in range(3)]  # 15 usable samples per epoch -> 3 batches
+    st = batches[-1]["state"]
+    assert (st["missing"], st["undecodable"], st["samples"]) == (3, 2, 15)
+    assert batches[0]["images"].dtype == torch.uint8 and batches[0]["images"].shape == (5, 3, 32, 32)
+    assert batches[0]["texts"].shape == (5, 1, 8)
+
+
+def test_stream_split_covers_each_sample_once_per_epoch(small_set):
+    """Ranks x workers partition an epoch (shard-level split and the sample-level fallback)."""
+    from flame.data.images import StreamConfig, TrainStream
+
+    shards = sorted(str(p) for p in (small_set / "shards").glob("*.tar"))  # 3 shards x 32
+    for world, workers in ((1, 3), (2, 2)):  # G = 3 (shard split), G = 4 > 3 shards (sample split)
+        seen = []
+        for rank in range(world):
+            for w in range(workers):
+                cfg = StreamConfig(shards=shards, store=str(small_set / "store"), image_size=16, batch_size=1,
+                                   m=1, eligible=[0], rank=rank, world=world)
+                stream = TrainStream(cfg)
+                stream._worker = lambda w=w, n=workers: (w, n)
+                for b in stream:
+                    if b["state"]["epoch"] > 0:
+                        break
+                    seen.extend(b["keys"])
+                    if len(seen) > 200:
+                        break
+        assert len(seen) == 96 and len(set(seen)) == 96, (world, workers, len(seen), len(set(seen)))
+
+
+def test_facet_eligibility():
+    from flame.data.images import eligible_facets
+    from flame.errors import FlameError
+
+    man = {"k": 11, "facets": ["raw/0"] + [f"short/{i}" for i in range(3)] + [f"long/{i}" for i in range(7)]}
+    assert eligible_facets("all", man) == list(range(11))
+    assert eligible_facets("long", man) == list(range(4, 11))
+    assert eligible_facets("raw,short", man) == [0, 1, 2, 3]
+    assert eligible_facets("0,2-4", man) == [0, 2, 3, 4]
+    with pytest.raises(FlameError):
+        eligible_facets("11", man)
+
+
+def test_training_never_imports_the_llm_stack(small_set, tmp_path, capsys):
+    code = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from flame.cli import main; rc = main(sys.argv[1:]); "
+         "assert not {'flame.llm', 'flame.facets'} & set(sys.modules), 'LLM code imported'; raise SystemExit(rc)",
+         "train", *_base(small_set, tmp_path / "run", "--steps", "1")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert code.returncode == 0, code.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# resume after SIGKILL == uninterrupted (real path: flame embed with the tiny LLM)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedded_set(tmp_path_factory, tiny_llm_dir):
+    from flame.data.synthetic import write_shards
+
+    root = tmp_path_factory.mktemp("embedded")
+    write_shards(root / "shards", 64, shard_size=16, size=40, seed=3)
+    code = flame_main(["embed", "--data", str(root / "shards"), "--prompts", "raw=txt", "--llm", str(tiny_llm_dir),
+                       "--out", str(root / "store")])
+    assert code == 0
+    return root
+
+
+def _train_cmd(root, out, *extra):
+    return [sys.executable, "-m", "flame", "train", "--data", str(root / "shards"), "--embeddings",
+            str(root / "store"), "--out", str(out), *TINY, "--batch-size", "8", "--workers", "2", "--steps", "16",
+            "--save-every", "4", "--keep", "0", "--warmup", "2", "--deterministic", "--seed", "5", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(embedded_set, tmp_path):
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref = subprocess.run(_train_cmd(embedded_set, tmp_path / "ref"), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(embedded_set, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-4" / "state.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "checkpoint-16").exists(), "killed too late to test anything"
+
+    res = subprocess.run(_train_cmd(embedded_set, out, "--resume"), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr + res.stdout
+    a = load_file(str(tmp_path / "ref" / "checkpoint-16" / "model.safetensors"))
+    b = load_file(str(out / "checkpoint-16" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    # and the run did learn something different from its start (a real comparison)
+    first = load_file(str(tmp_path / "ref" / "checkpoint-4" / "model.safetensors"))
+    assert max((a[k] - first[k]).abs().max().item() for k in a) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# learning: held-out images of seen caption combinations are retrieved far above chance
+# ---------------------------------------------------------------------------------------
+def heldout_r1(ckpt: Path, store_path: Path, shard: Path) -> tuple[float, int]:
+    """Image->text R@1 over the distinct captions of a held-out shard (centre resize, no crop)."""
+    import webdataset as wds
+
+    from flame.data.images import load_image, normalize_images
+    from flame.model import FlameModel
+    from flame.store import EmbeddingStore
+
+    model = FlameModel.load(ckpt).eval()
+    store = EmbeddingStore(store_path)
+    name = shard_name(shard)
+    index = store.index(name)
+    images, captions, texts = [], [], {}
+    for sample in wds.tarfile_samples([{"url": str(shard)}]):
+        caption = sample["txt"].decode()
+        captions.append(caption)
+        images.append(load_image(sample["jpg"], model.image_size, None))
+        texts.setdefault(caption, store.get(name, index[sample["__key__"]]).mean(0))
+    names = sorted(texts)
+    t = torch.nn.functional.normalize(torch.tensor(np.stack([texts[n] for n in names])), dim=-1)
+    emb = model.encode_image(normalize_images(torch.stack(images), model.mean, model.std))
+    pred = (emb @ t.T).argmax(1).tolist()
+    return float(np.mean([names[p] == c for p, c in zip(pred, captions)])), len(names)
+
+
+@pytest.mark.slow
+def test_learning_heldout_image_to_text_r1(tmp_path, capsys):
+    from flame.data.synthetic import combos, write_shards
+
+    pool = combos(colors=["red", "green", "blue", "yellow"], shapes=["circle", "cross"],
+                  positions=["top left", "bottom right"])
+    train = write_shards(tmp_path / "train", 512, shard_size=128, size=32, seed=1, pool=pool)
+    held = write_shards(tmp_path / "held", 128, shard_size=128, size=32, seed=2, prefix="heldout", pool=pool)
+    bag_of_words_store(train + held, tmp_path / "store", dim=32)
+    out = tmp_path / "run"
+    code, err = _run(["--data", str(tmp_path / "train"), "--embeddings", str(tmp_path / "store"), "--out", str(out),
+                      "--tower", "vit-tiny", "--image-size", "32", "--proj-hidden", "64", "--no-progress",
+                      "--no-tensorboard", "--batch-size", "32", "--steps", "100", "--warmup", "10", "--lr", "5e-3",
+                      "--weight-decay", "0.0", "--workers", "1", "--save-every", "100"], capsys)
+    assert code == 0, err
+    r1, n = heldout_r1(out / "checkpoint-100", tmp_path / "store", held[0])
+    chance = 1 / n
+    print(f"held-out R@1 {r1:.3f} over {n} captions (chance {chance:.3f})")
+    assert r1 >= 2.5 * chance, (r1, chance)
