@@ -40,11 +40,27 @@ def _chosen_command(argv: list[str]) -> str | None:
     return next((a for a in argv if a in COMMANDS), None)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and log lines say what is happening; library bars and advice
+    (weight loading, tokenizer hints) would bury them and break the one-line error rule."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _chosen_command(argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_libraries()
     try:
         args = build_parser(command).parse_args(argv)
         if args.command is None:
