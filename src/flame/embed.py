@@ -138,7 +138,7 @@ def _parse_sources(specs: list[str], tables: dict[str, Path]) -> list[Source]:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    if args.batch_tokens < 1 or args.max_batch < 1 or args.chunk < 1:
+    if (args.batch_tokens is not None and args.batch_tokens < 1) or args.max_batch < 1 or args.chunk < 1:
         raise FlameError("--batch-tokens, --max-batch and --chunk must be positive")
     tables = _parse_tables(args.captions)
     sources = _parse_sources(args.prompts, tables)
@@ -694,7 +694,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="comma list of local devices (cuda:0,cuda:1): one worker per device from one command",
     )
-    g.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward batch (default 16384)")
+    g.add_argument(
+        "--batch-tokens", type=int, default=None, help="padded tokens per forward batch (default: 4096 CPU, 65536 GPU)"
+    )
     g.add_argument("--max-batch", type=int, default=64, help="sequences per forward batch at most (default 64)")
     g.add_argument(
         "--chunk",

@@ -24,8 +24,12 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
             found.extend(sorted(Path(item).glob("*.tar")))
             continue
         for pattern in braceexpand.braceexpand(item):
-            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-            found.extend(Path(m) for m in matches if Path(m).is_file())
+            if glob.has_magic(pattern):
+                found.extend(Path(m) for m in sorted(glob.glob(pattern)) if Path(m).is_file())
+            elif Path(pattern).is_file():
+                found.append(Path(pattern))
+            elif len(specs) > 1 or pattern != item:  # one named file of several is missing
+                raise FlameError(f"shard not found: {pattern}")
     if not found:
         raise FlameError(f"no shard files match {', '.join(map(str, specs))}")
     unique = list(dict.fromkeys(p.resolve() for p in found))
