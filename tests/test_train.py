@@ -122,6 +122,7 @@ def test_bad_input_one_line_before_training(case, expect, small_set, tmp_path, c
     assert not (out / "log.jsonl").exists() and not list(out.glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_bad_input_cli_subprocess_has_no_traceback(small_set, tmp_path):
     argv = _base(small_set, tmp_path / "run", "--steps", "2", "--embed-dim", "99")
     proc = subprocess.run([sys.executable, "-m", "flame", "train", *argv], capture_output=True, text=True,
@@ -131,6 +132,7 @@ def test_bad_input_cli_subprocess_has_no_traceback(small_set, tmp_path):
     assert len(lines) == 1 and "D=16" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_logs_and_resume_checks_config(small_set, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tmp_path / "c.yaml"
@@ -235,6 +237,7 @@ def test_facet_eligibility():
         eligible_facets("11", man)
 
 
+@pytest.mark.slow
 def test_training_never_imports_the_llm_stack(small_set, tmp_path, capsys):
     code = subprocess.run(
         [sys.executable, "-c",
