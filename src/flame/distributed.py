@@ -1,6 +1,6 @@
-"""Every torch.distributed concern of training in one place.
+"""Every torch.distributed concern in one place.
 
-`flame train` runs as one process per device, launched by torchrun (single or multi node);
+`flame train` and `flame embed` run as one process per device, launched by torchrun (single or multi node);
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which `init()`
 reads. Without them everything here degrades to single-process no-ops.
 """
@@ -39,9 +39,9 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device: str = "auto") -> torch.device:
+def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> torch.device:
     """Initialise the process group from torchrun's env (nccl on CUDA, gloo on CPU) and
-    return this process's device."""
+    return this process's device. `timeout` bounds how long ranks wait for each other."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -56,7 +56,7 @@ def init(device: str = "auto") -> torch.device:
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return dev
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flame import distributed
 from flame.data.captions import CaptionTable, ShardError, read_shard_captions
 from flame.data.shards import expand_shards, shard_name
 from flame.errors import FlameError
@@ -158,64 +159,17 @@ class _PeerFailed(Exception):
     """Rank 0 reported an error (and printed it); other ranks exit quietly."""
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    group: bool = False
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        d = cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-        if world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                # long timeout: ranks wait for each other only at the start and the end
-                dist.init_process_group("gloo", timeout=timedelta(days=7))
-            d.group = True
-        return d
-
-    def broadcast(self, obj):
-        """rank 0's `obj` on every rank."""
-        if not self.group:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        if not self.group:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.group:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-def _decide(dist: Dist, fn):
+def _decide(fn):
     """Run `fn` on rank 0 and hand its result to every rank; a FlameError on rank 0 is
     raised there and turns into a quiet exit elsewhere."""
-    if dist.rank == 0:
+    if distributed.is_main():
         try:
             result = ("ok", fn())
         except FlameError as e:
-            dist.broadcast(("error", str(e)))
+            distributed.broadcast_object(("error", str(e)))
             raise
-        return dist.broadcast(result)[1]
-    status, value = dist.broadcast(None)
+        return distributed.broadcast_object(result)[1]
+    status, value = distributed.broadcast_object(None)
     if status != "ok":
         raise _PeerFailed(value)
     return value
@@ -267,13 +221,13 @@ class Stats:
     tokens: int = 0
 
 
-def _device(args, dist: Dist) -> str:
+def _device(args) -> str:
     import torch
 
     if args.device != "auto":
         return args.device
     if torch.cuda.is_available():
-        return f"cuda:{dist.local_rank % torch.cuda.device_count()}" if dist.world > 1 else "cuda"
+        return f"cuda:{distributed.local_rank() % torch.cuda.device_count()}"
     return "cpu"
 
 
@@ -427,13 +381,13 @@ def _human_time(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def _embed(args, cfg: Config, dist: Dist) -> int:
+def _embed(args, cfg: Config, device: str) -> int:
     t0 = time.perf_counter()
     held: list[StoreLock] = []
-    _decide(dist, lambda: held.append(StoreLock(cfg.out)))  # rank 0 holds it; the others learn the outcome
+    _decide(lambda: held.append(StoreLock(cfg.out)))  # rank 0 holds it; the others learn the outcome
     try:
         tables = _load_tables(args, cfg)
-        _, encoders, fingerprint = _load_encoders(args, cfg, _device(args, dist))
+        _, encoders, fingerprint = _load_encoders(args, cfg, device)
         manifest = _manifest(args, cfg, encoders, fingerprint)
 
         def open_store():
@@ -442,19 +396,20 @@ def _embed(args, cfg: Config, dist: Dist) -> int:
             names = [shard_name(p) for p in cfg.shards]
             return [(n, str(p)) for n, p in zip(names, cfg.shards) if not store.is_complete(n)]
 
-        todo = _decide(dist, open_store)
+        todo = _decide(open_store)
         store = EmbeddingStore(cfg.out)
         skipped = len(cfg.shards) - len(todo)
-        mine = todo[dist.rank :: dist.world]
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = todo[rank::world]
         stats = Stats()
         bar = None
-        if dist.rank == 0:
+        if rank == 0:
             from tqdm import tqdm
 
             bar = tqdm(
                 total=0,
                 unit="cap",
-                desc=f"embed {len(mine)} shards" + (f" (rank 0 of {dist.world})" if dist.world > 1 else ""),
+                desc=f"embed {len(mine)} shards" + (f" (rank 0 of {world})" if world > 1 else ""),
                 disable=None,
                 dynamic_ncols=True,
             )
@@ -484,11 +439,11 @@ def _embed(args, cfg: Config, dist: Dist) -> int:
         stats.truncated = sum(e.truncated - t for e, t in zip(encoders, truncated0))
         if bar is not None:
             bar.close()
-        everyone = dist.gather(stats)
+        everyone = distributed.all_gather_object(stats)
     finally:
         for lock in held:
             lock.release()
-    if dist.rank != 0:
+    if not distributed.is_main():
         # rank 0 reports the whole job and exits non-zero if anything failed; exiting 0 here
         # keeps torchrun from stopping rank 0 before it has printed
         return 0
@@ -542,7 +497,7 @@ def _dry_run(args, cfg: Config) -> int:
             u = list(dict.fromkeys(clean_caption(c) for c in caps))
             unique[i] += len(u)
             sample_caps[i].extend(u[: 32 - len(sample_caps[i])])
-    device = _device(args, Dist())
+    device = _device(args)
     _, encoders, fingerprint = _load_encoders(args, cfg, device)
     manifest = _manifest(args, cfg, encoders, fingerprint)
     k, dim = manifest["k"], manifest["dim"]
@@ -741,14 +696,15 @@ def run(args: argparse.Namespace) -> int:
     if len(devices) == 1:
         args.device = devices[0]
     logging.getLogger("flame.facets").setLevel(logging.ERROR)  # truncations go to the summary
-    dist = Dist.from_env()
+    # long timeout: ranks wait for each other only at the start and at the end
+    device = distributed.init(_device(args), timeout=timedelta(days=7))
     try:
-        return _embed(args, cfg, dist)
+        return _embed(args, cfg, str(device))
     except _PeerFailed:  # rank 0 printed the error and exits 2
         return 0
     except FlameError:
-        if dist.rank != 0:
-            raise FlameError(f"rank {dist.rank}: {sys.exc_info()[1]}") from None
+        if not distributed.is_main():
+            raise FlameError(f"rank {distributed.rank()}: {sys.exc_info()[1]}") from None
         raise
     finally:
-        dist.close()
+        distributed.shutdown()

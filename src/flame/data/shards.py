@@ -18,6 +18,7 @@ from flame.errors import FlameError
 def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
     specs = [spec] if isinstance(spec, str | Path) else list(spec)
     found: list[Path] = []
+    missing: list[str] = []
     for item in specs:
         item = str(item)
         if Path(item).is_dir():
@@ -28,10 +29,13 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
                 found.extend(Path(m) for m in sorted(glob.glob(pattern)) if Path(m).is_file())
             elif Path(pattern).is_file():
                 found.append(Path(pattern))
-            elif len(specs) > 1 or pattern != item:  # one named file of several is missing
-                raise FlameError(f"shard not found: {pattern}")
+            else:
+                missing.append(pattern)
     if not found:
         raise FlameError(f"no shard files match {', '.join(map(str, specs))}")
+    if missing:  # a named file (or one of a brace range) is absent: never train/embed on a silent subset
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FlameError(f"shard not found: {missing[0]}{more}")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     return unique
 
