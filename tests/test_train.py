@@ -335,20 +335,22 @@ def heldout_r1(ckpt: Path, store_path: Path, shard: Path) -> tuple[float, int]:
 
 @pytest.mark.slow
 def test_learning_heldout_image_to_text_r1(tmp_path, capsys):
+    """120 colour x shape x position captions; held-out images of them must retrieve their own
+    caption far more often than chance (measured ~0.57 R@1 vs 0.0097 chance at these settings)."""
     from flame.data.synthetic import combos, write_shards
 
-    pool = combos(colors=["red", "green", "blue", "yellow"], shapes=["circle", "cross"],
-                  positions=["top left", "bottom right"])
-    train = write_shards(tmp_path / "train", 512, shard_size=128, size=32, seed=1, pool=pool)
-    held = write_shards(tmp_path / "held", 128, shard_size=128, size=32, seed=2, prefix="heldout", pool=pool)
+    pool = combos()
+    train = write_shards(tmp_path / "train", 1024, shard_size=256, size=32, seed=1, pool=pool)
+    held = write_shards(tmp_path / "held", 256, shard_size=256, size=32, seed=2, prefix="heldout", pool=pool)
     bag_of_words_store(train + held, tmp_path / "store", dim=32)
     out = tmp_path / "run"
     code, err = _run(["--data", str(tmp_path / "train"), "--embeddings", str(tmp_path / "store"), "--out", str(out),
                       "--tower", "vit-tiny", "--image-size", "32", "--proj-hidden", "64", "--no-progress",
-                      "--no-tensorboard", "--batch-size", "32", "--steps", "100", "--warmup", "10", "--lr", "5e-3",
-                      "--weight-decay", "0.0", "--workers", "1", "--save-every", "100"], capsys)
+                      "--no-tensorboard", "--batch-size", "64", "--steps", "400", "--warmup", "10", "--lr", "1e-3",
+                      "--weight-decay", "0.0", "--workers", "1", "--save-every", "400"], capsys)
     assert code == 0, err
-    r1, n = heldout_r1(out / "checkpoint-100", tmp_path / "store", held[0])
+    r1, n = heldout_r1(out / "checkpoint-400", tmp_path / "store", held[0])
     chance = 1 / n
-    print(f"held-out R@1 {r1:.3f} over {n} captions (chance {chance:.3f})")
-    assert r1 >= 2.5 * chance, (r1, chance)
+    print(f"held-out R@1 {r1:.3f} over {n} captions (chance {chance:.4f})")
+    assert n >= 100
+    assert r1 >= 20 * chance, (r1, chance)
