@@ -33,12 +33,17 @@ def test_help_lists_every_command(capsys):
         (["--layer", "99"], "layer 99 is out of range"),
         (["--prompts", "{bad}"], "prompt-set file"),
         (["--prompts", "no-such-set"], "unknown prompt set"),
+        (["--llm", "{bert}"], "not a decoder-only causal language model"),
     ],
 )
 def test_bench_facets_bad_input_is_one_line(capsys, tiny_llm_dir, tmp_path, argv, message):
+    from transformers import BertConfig, BertModel
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("prefix: [unclosed\n")
-    argv = [a.replace("{bad}", str(bad)) for a in argv]
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    argv = [a.replace("{bad}", str(bad)).replace("{bert}", str(tmp_path / "bert")) for a in argv]
     if "--llm" not in argv:
         argv += ["--llm", str(tiny_llm_dir)]
     code, out, err = run_cli(capsys, "bench", "facets", "--captions", "2", *argv)
