@@ -354,3 +354,39 @@ def test_learning_heldout_image_to_text_r1(tmp_path, capsys):
     print(f"held-out R@1 {r1:.3f} over {n} captions (chance {chance:.4f})")
     assert n >= 100
     assert r1 >= 20 * chance, (r1, chance)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_resume(small_set, tmp_path):
+    """The real multi-process path (torchrun, gloo, DDP, text all-gather, per-rank data
+    positions): resuming from the step-2 checkpoint under torchrun reproduces step 4 exactly."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", "localhost:0", "-m", "flame", "train",
+               *_base(small_set, out, "--steps", "4", "--log-every", "2", "--save-every", "2", "--keep", "0",
+                      "--warmup", "1", "--deterministic", *extra)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = torchrun()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 4 and records[-1]["samples"] == 2 * 8 * 4  # both ranks' samples, counted once
+    state = torch.load(out / "checkpoint-4" / "state.pt", weights_only=False)
+    assert state["world_size"] == 2 and len(state["positions"]) == 2 and len(state["rng"]) == 2
+    first = load_file(out / "checkpoint-4" / "model.safetensors")
+
+    proc = torchrun("--resume", str(out / "checkpoint-2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 2" in proc.stderr and "step 2/4" not in proc.stdout + proc.stderr  # steps 3-4 only
+    again = load_file(out / "checkpoint-4" / "model.safetensors")
+    assert max((first[k] - again[k]).abs().max().item() for k in first) <= 1e-6
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [2, 4]
+
+    proc = torchrun("--resume", "--lr", "0.01")  # a changed setting: one line from rank 0 only
+    assert proc.returncode != 0
+    assert proc.stderr.count("flame train: error: --resume: settings differ") == 1

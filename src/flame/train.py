@@ -450,6 +450,10 @@ def train(cfg: TrainConfig) -> int:
     device = dist.init(cfg.device)
     try:
         return _train(cfg, device)
+    except FlameError:
+        if not dist.is_main():  # every rank saw the same error: rank 0 prints it once and exits 2;
+            return 0  # exiting 0 here keeps torchrun from stopping rank 0 before it has printed
+        raise
     finally:
         dist.shutdown()
 
