@@ -9,13 +9,13 @@ k, dim), "image": {"size", "mean", "std"}}. Evaluation and `encode_text` come la
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from flame.errors import FlameError
+from flame.fileio import write_atomic
 from flame.loss import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE, clamp_logit_scale_
 from flame.vision import ImageTower, TowerConfig
 
@@ -86,9 +86,7 @@ class FlameModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
-        tmp = folder / (CONFIG + ".tmp")
-        tmp.write_text(json.dumps(self.config(), indent=2) + "\n")
-        os.replace(tmp, folder / CONFIG)
+        write_atomic(folder / CONFIG, json.dumps(self.config(), indent=2) + "\n")
 
     @staticmethod
     def read_config(folder: str | Path) -> dict:

@@ -23,19 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from flame.errors import FlameError
+from flame.fileio import TMP_SUFFIX, write_atomic
 
 FORMAT = "flame-embeddings"
 VERSION = 1
 DTYPES = {"fp16": np.float16, "int8": np.int8}
-TMP_SUFFIX = ".tmp"
 # Manifest fields that may differ between two runs writing the same store.
 _IGNORED_IN_COMPARISON = {("llm", "spec")}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def manifest_bytes(manifest: dict) -> bytes:
@@ -117,7 +111,7 @@ class ShardWriter:
             self.scale.flush()
             self.scale = None
             os.replace(self.tmp["scale"], self.paths["scale"])
-        _write_atomic(self.paths["keys"], (json.dumps(list(keys), ensure_ascii=False) + "\n").encode())
+        write_atomic(self.paths["keys"], (json.dumps(list(keys), ensure_ascii=False) + "\n").encode())
         return sum(p.stat().st_size for k, p in self.paths.items() if k != "scale" or self.store.dtype == "int8")
 
     def abort(self) -> None:
@@ -279,7 +273,7 @@ class EmbeddingStore:
                     f"{path} exists and is not an embedding store (holds {stray[0]!r}); choose another --out"
                 )
         (path / "shards").mkdir(parents=True, exist_ok=True)
-        _write_atomic(mf, manifest_bytes(manifest))
+        write_atomic(mf, manifest_bytes(manifest))
         return cls(path)
 
     def clean_temporaries(self) -> int:

@@ -34,6 +34,7 @@ import torch
 
 from flame import distributed as dist
 from flame.errors import FlameError
+from flame.fileio import write_atomic
 
 log = logging.getLogger("flame.train")
 
@@ -379,9 +380,7 @@ def save_checkpoint(run: Path, step: int, model, state: dict, keep: int) -> Path
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    marker = run / "latest.tmp"
-    marker.write_text(final.name + "\n")
-    os.replace(marker, run / "latest")
+    write_atomic(run / "latest", final.name + "\n")
     if keep > 0:
         old = sorted(
             (p for p in run.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),

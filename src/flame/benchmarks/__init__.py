@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 from pathlib import Path
+
+from flame.fileio import write_atomic
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "facets": ("flame.benchmarks.facets", "packed facet-decoupled pass vs K separate passes"),
@@ -35,9 +36,7 @@ def print_table(title: str, figures: dict) -> None:
 
 def write_json(path: Path, figures: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(figures, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(figures, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
