@@ -72,6 +72,16 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, corpus):
     assert store_files(out) == store_files(ref)
 
 
+def test_devices_list_spawns_one_worker_each_and_equals_one_process(tmp_path, corpus):
+    """`--devices cpu,cpu`: one command, two spawned workers, the same store as one process."""
+    args, ref = corpus
+    out = tmp_path / "st"
+    r = flame("embed", *args, "--devices", "cpu,cpu", "--out", out, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("flame embed: 24 samples, shards 3 done / 0 skipped / 0 failed") == 1
+    assert store_files(out) == store_files(ref)
+
+
 def test_sigkill_mid_shard_then_resume_is_byte_identical(tmp_path, corpus):
     args, ref = corpus
     out = tmp_path / "st"
