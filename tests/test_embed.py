@@ -94,6 +94,21 @@ def test_caption_tables(tmp_path, corpus, suffix):
         CaptionTable(tmp_path / f"t{suffix}", key_field="id").column("long")
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_caption_tables_keep_only_the_wanted_keys(tmp_path, corpus, suffix):
+    """A rank keeps only its shards' rows; a column is recognised even if no kept row has it."""
+    _, shards = corpus
+    rows = table_rows(shards)
+    wanted = {rows[0]["__key__"], rows[-1]["__key__"]}
+    t = CaptionTable(write_table(tmp_path / f"t{suffix}", rows))
+    t.load(["short", "long"], keys=wanted)
+    assert t.column("long") == {r["__key__"]: r["long"] for r in rows if r["__key__"] in wanted}
+    assert CaptionTable(tmp_path / f"t{suffix}").column("long").keys() == {r["__key__"] for r in rows}
+    empty = CaptionTable(tmp_path / f"t{suffix}")
+    empty.load(["long"], keys=set())
+    assert empty.column("long") == {}
+
+
 def test_caption_table_keys_are_strings_and_first_row_wins(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps([{"__key__": 7, "c": "a"}, {"__key__": "7", "c": "b"}, {"__key__": "8", "c": None}]))

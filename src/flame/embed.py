@@ -5,9 +5,10 @@ Captions come from text members of the tar shards (`txt`, never decoding images)
 from caption tables keyed by `__key__`. `--prompts SET=SOURCE ...` maps each prompt set
 to its caption source; facets are stored in the order the sets are given.
 
-Scale-out: under torchrun every rank takes every WORLD_SIZE-th shard still to do (rank 0
-holds the store lock, checks the manifest and hands out the list; a gloo process group
-carries only that decision and the final summary). `--devices cuda:0,cuda:1` does the
+Scale-out: under torchrun rank r takes shards r, r + WORLD_SIZE, ... of the input list that
+are still to do, and reads only those shards' rows of the caption tables (rank 0 holds the
+store lock and checks the manifest; the process group carries only that decision and the
+final summary). `--devices cuda:0,cuda:1` does the
 same from one command by starting one worker per device. Rerunning the command skips
 complete shards; everything is written to temporary names and renamed, and shard bytes
 depend only on the shard's own captions, so a killed run resumed ends byte-identical to
@@ -23,6 +24,7 @@ import logging
 import os
 import socket
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from flame import distributed
-from flame.data.captions import CaptionTable, ShardError, read_shard_captions
+from flame.data.captions import CaptionTable, ShardError, base_plus_ext, read_shard_captions
 from flame.data.shards import expand_shards, shard_name
 from flame.errors import FlameError
 from flame.prompts import PromptSet, clean_caption, load_prompt_set
@@ -281,11 +283,24 @@ def _manifest(args, cfg: Config, encoders, fingerprint: str) -> dict:
     }
 
 
-def _load_tables(args, cfg: Config) -> dict[str, CaptionTable]:
+def _shard_keys(paths) -> set[str]:
+    """Sample keys of the given tars from their member headers (no member data is read).
+    An unreadable tar contributes none; it is reported when its turn comes."""
+    keys: set[str] = set()
+    for path in paths:
+        try:
+            with tarfile.open(path) as tar:
+                keys.update(k for k, _ in map(base_plus_ext, tar.getnames()) if k is not None)
+        except (tarfile.TarError, OSError, EOFError):
+            continue
+    return keys
+
+
+def _load_tables(args, cfg: Config, keys: set[str] | None = None) -> dict[str, CaptionTable]:
     tables = {name: CaptionTable(path, key_field=args.key_field) for name, path in cfg.tables.items()}
     for s in cfg.sources:
         if s.table:
-            tables[s.table].load([c.column for c in cfg.sources if c.table == s.table])
+            tables[s.table].load([c.column for c in cfg.sources if c.table == s.table], keys=keys)
     for name, t in tables.items():
         if t.duplicates:
             log.warning("caption table %s: %d repeated keys (the first row of each key is used)", name, t.duplicates)
@@ -386,7 +401,12 @@ def _embed(args, cfg: Config, device: str) -> int:
     held: list[StoreLock] = []
     _decide(lambda: held.append(StoreLock(cfg.out)))  # rank 0 holds it; the others learn the outcome
     try:
-        tables = _load_tables(args, cfg)
+        # A fixed split: each rank knows its shards before anything loads and keeps only their
+        # table rows (YFCC15M's long captions are GBs). Ranks progress alike, so what is left
+        # after an interruption stays balanced.
+        rank, world = distributed.rank(), distributed.world_size()
+        assigned = {str(p) for p in cfg.shards[rank::world]}
+        tables = _load_tables(args, cfg, keys=_shard_keys(sorted(assigned)) if cfg.tables else None)
         _, encoders, fingerprint = _load_encoders(args, cfg, device)
         manifest = _manifest(args, cfg, encoders, fingerprint)
 
@@ -399,8 +419,7 @@ def _embed(args, cfg: Config, device: str) -> int:
         todo = _decide(open_store)
         store = EmbeddingStore(cfg.out)
         skipped = len(cfg.shards) - len(todo)
-        rank, world = distributed.rank(), distributed.world_size()
-        mine = todo[rank::world]
+        mine = [(name, path) for name, path in todo if path in assigned]
         stats = Stats()
         bar = None
         if rank == 0:

@@ -105,13 +105,15 @@ class CaptionTable:
         self.load([name])
         return self._columns[name]
 
-    def load(self, names: Iterable[str]) -> None:
+    def load(self, names: Iterable[str], keys: set[str] | None = None) -> None:
+        """Read the columns `names`, keeping only the rows whose key is in `keys` (all if None).
+        JSONL, CSV and Parquet are streamed, so memory follows the rows kept."""
         todo = [n for n in dict.fromkeys(names) if n not in self._columns]
         if todo:
-            self._columns.update(self._load(todo))
+            self._columns.update(self._load(todo, keys))
 
     # ---- readers ----------------------------------------------------------------------
-    def _rows(self, names: list[str]) -> tuple[list[str], Iterable[tuple]]:
+    def _rows(self, names: list[str], keys: set[str] | None) -> tuple[list[str], Iterable[tuple]]:
         """(available column names, iterator of tuples (key, *names))."""
         suffix = self.path.suffix.lower()
         kf = self.key_field
@@ -123,30 +125,37 @@ class CaptionTable:
                 cols = [n for n in [kf, *names] if n in schema.names]
                 if kf not in cols or len(cols) < len(names) + 1:
                     return list(schema.names), iter(())
-                data = pq.read_table(self.path, columns=[kf, *names]).to_pydict()
+                parquet = pq.ParquetFile(self.path)
             except Exception as e:  # pyarrow raises many types for a bad file
                 raise FlameError(f"caption table {self.path}: cannot read Parquet ({str(e).splitlines()[0]})") from e
-            return list(schema.names), zip(*(data[c] for c in [kf, *names]))
+
+            def batches():
+                for batch in parquet.iter_batches(columns=[kf, *names], batch_size=65536):
+                    yield from zip(*(batch.column(c).to_pylist() for c in [kf, *names]))
+
+            return list(schema.names), batches()
         if suffix == ".csv":
+            with open(self.path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+
+            def csv_rows():
+                try:
+                    with open(self.path, newline="", encoding="utf-8") as f:
+                        for row in csv.DictReader(f):
+                            yield (row.get(kf), *(row.get(n) for n in names))
+                except (csv.Error, UnicodeDecodeError) as e:
+                    raise FlameError(f"caption table {self.path}: cannot read CSV ({e})") from e
+
+            return header, csv_rows()
+        if suffix == ".json":
             try:
-                with open(self.path, newline="", encoding="utf-8") as f:
-                    reader = csv.DictReader(f)
-                    header = list(reader.fieldnames or [])
-                    rows = [(row.get(kf), *(row.get(n) for n in names)) for row in reader]
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise FlameError(f"caption table {self.path}: cannot read CSV ({e})") from e
-            return header, rows
-        try:
-            if suffix == ".json":
                 records = json.loads(self.path.read_text(encoding="utf-8"))
-                if isinstance(records, dict):  # {key: caption} or {key: {...}}
-                    records = [{kf: k, **(v if isinstance(v, dict) else {"caption": v})} for k, v in records.items()]
-            else:
-                records = [
-                    json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()
-                ]
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FlameError(f"caption table {self.path}: invalid JSON ({e.__class__.__name__}: {e})") from e
+            except (ValueError, UnicodeDecodeError) as e:
+                raise FlameError(f"caption table {self.path}: invalid JSON ({e.__class__.__name__}: {e})") from e
+            if isinstance(records, dict):  # {key: caption} or {key: {...}}
+                records = [{kf: k, **(v if isinstance(v, dict) else {"caption": v})} for k, v in records.items()]
+        else:
+            records = self._jsonl_records([kf, *names], keys)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise FlameError(f"caption table {self.path}: expected a list of objects with {kf!r} and caption fields")
         header = list(dict.fromkeys(k for r in records[:1000] for k in r))
@@ -155,8 +164,29 @@ class CaptionTable:
                 header.append(n)
         return header, ((r.get(kf), *(r.get(n) for n in names)) for r in records)
 
-    def _load(self, names: list[str]) -> dict[str, dict[str, str | None]]:
-        header, rows = self._rows(names)
+    def _jsonl_records(self, fields: list[str], keys: set[str] | None) -> list[dict]:
+        """Stream a JSONL file, keeping only `fields` of the rows whose key is wanted, so memory
+        follows the rows kept, not the file. Every field seen anywhere appears in the first
+        row (None if absent there) so the header check sees it."""
+        kf, seen, kept = fields[0], set(), []
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise FlameError(f"caption table {self.path}: expected one JSON object per line")
+                    seen.update(n for n in fields if n in row)
+                    if keys is None or str(row.get(kf)) in keys:
+                        kept.append({n: row[n] for n in fields if n in row})
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FlameError(f"caption table {self.path}: invalid JSON ({e.__class__.__name__}: {e})") from e
+        header_row = dict.fromkeys(seen)
+        return [header_row | kept[0], *kept[1:]] if kept else ([header_row] if seen else [])
+
+    def _load(self, names: list[str], keys: set[str] | None = None) -> dict[str, dict[str, str | None]]:
+        header, rows = self._rows(names, keys)
         if self.key_field not in header:
             raise FlameError(
                 f"caption table {self.path} has no key field {self.key_field!r} "
@@ -170,6 +200,8 @@ class CaptionTable:
             if key is None:
                 continue
             key = str(key)
+            if keys is not None and key not in keys:
+                continue
             first = out[names[0]]
             if key in first:
                 self.duplicates += 1  # the first occurrence wins
