@@ -58,6 +58,10 @@ def test_roundtrip(tmp_path, dtype):
     tol = 1e-3 if dtype == "fp16" else 1e-2
     np.testing.assert_allclose(got, v[[7, 2, 9]], atol=tol)
     np.testing.assert_allclose(r.get("shard-0001", 4), v[4], atol=tol)
+    # a facet subset (what training reads) gives exactly those facets of the full rows
+    facets = [K - 1, 0]
+    assert np.array_equal(r.get("shard-0001", 4, facets), r.get("shard-0001", 4)[facets])
+    assert np.array_equal(r.get("shard-0001", [7, 2], facets), r.get("shard-0001", [7, 2])[:, facets])
     if dtype == "int8":
         assert r.scales("shard-0001").shape == (10, K)
         assert nbytes == sum(

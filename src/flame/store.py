@@ -224,14 +224,19 @@ class EmbeddingStore:
             self._index[name] = {key: i for i, key in enumerate(self.keys(name))}
         return self._index[name]
 
-    def get(self, name: str, rows) -> np.ndarray:
+    def get(self, name: str, rows, facets=None) -> np.ndarray:
         """float32 [n, K, D] for `rows` (an int gives [K, D]; a slice or index array
-        [n, K, D]), dequantised. Sorted index arrays read fastest."""
+        [n, K, D]), dequantised; `facets` (indices) keeps only those facets, so only their
+        vectors are read. Sorted index arrays read fastest."""
         if not isinstance(rows, int | np.integer | slice):
             rows = np.asarray(rows, dtype=np.int64)
-        out = np.asarray(self.array(name)[rows], dtype=np.float32)
+        sel = rows
+        if facets is not None:
+            facets = np.asarray(facets, dtype=np.int64)
+            sel = (rows[:, None], facets) if isinstance(rows, np.ndarray) else (rows, facets)
+        out = np.asarray(self.array(name)[sel], dtype=np.float32)
         if self.dtype == "int8":
-            out *= np.asarray(self.scales(name)[rows], dtype=np.float32)[..., None]
+            out *= np.asarray(self.scales(name)[sel], dtype=np.float32)[..., None]
         return out
 
     # ---- writing ---------------------------------------------------------------------

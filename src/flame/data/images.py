@@ -236,13 +236,6 @@ class TrainStream(torch.utils.data.IterableDataset):
             return 0, 1
         return (info.id + self.config.rotate) % info.num_workers, info.num_workers
 
-    def _read_text(self, store, name: str, row: int, facets: list[int]) -> np.ndarray:
-        vec = np.asarray(store.array(name)[row, facets], dtype=np.float32)
-        scales = store.scales(name)
-        if scales is not None:
-            vec *= np.asarray(scales[row, facets], dtype=np.float32)[:, None]
-        return vec
-
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
 
@@ -292,7 +285,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                     counts["undecodable"] += 1
                     continue
                 batch_img.append(img)
-                batch_txt.append(self._read_text(store, name, row, facets))
+                batch_txt.append(store.get(name, row, facets))
                 batch_keys.append(f"{name}/{key}")
                 used_this_epoch += 1
                 counts["samples"] += 1
