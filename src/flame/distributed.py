@@ -39,9 +39,8 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> torch.device:
-    """Initialise the process group from torchrun's env (nccl on CUDA, gloo on CPU) and
-    return this process's device. `timeout` bounds how long ranks wait for each other."""
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> this rank's GPU if there is one, else the CPU; "cuda" -> cuda:LOCAL_RANK."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -50,9 +49,16 @@ def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(
 
             raise FlameError("--device cuda requested but no CUDA device is available")
         if device == "cuda":
-            device = f"cuda:{local_rank()}"
-        torch.cuda.set_device(torch.device(device))
-    dev = torch.device(device)
+            device = f"cuda:{local_rank() % torch.cuda.device_count()}"
+    return torch.device(device)
+
+
+def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> torch.device:
+    """Initialise the process group from torchrun's env (nccl on CUDA, gloo on CPU) and
+    return this process's device. `timeout` bounds how long ranks wait for each other."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}

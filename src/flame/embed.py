@@ -223,16 +223,6 @@ class Stats:
     tokens: int = 0
 
 
-def _device(args) -> str:
-    import torch
-
-    if args.device != "auto":
-        return args.device
-    if torch.cuda.is_available():
-        return f"cuda:{distributed.local_rank() % torch.cuda.device_count()}"
-    return "cpu"
-
-
 def _llm_dtype(name: str):
     import torch
 
@@ -516,7 +506,7 @@ def _dry_run(args, cfg: Config) -> int:
             u = list(dict.fromkeys(clean_caption(c) for c in caps))
             unique[i] += len(u)
             sample_caps[i].extend(u[: 32 - len(sample_caps[i])])
-    device = _device(args)
+    device = str(distributed.resolve_device(args.device))
     _, encoders, fingerprint = _load_encoders(args, cfg, device)
     manifest = _manifest(args, cfg, encoders, fingerprint)
     k, dim = manifest["k"], manifest["dim"]
@@ -716,7 +706,7 @@ def run(args: argparse.Namespace) -> int:
         args.device = devices[0]
     logging.getLogger("flame.facets").setLevel(logging.ERROR)  # truncations go to the summary
     # long timeout: ranks wait for each other only at the start and at the end
-    device = distributed.init(_device(args), timeout=timedelta(days=7))
+    device = distributed.init(args.device, timeout=timedelta(days=7))
     try:
         return _embed(args, cfg, str(device))
     except _PeerFailed:  # rank 0 printed the error and exits 2
