@@ -253,9 +253,7 @@ class FacetEncoder:
         if unique:
             before = self.truncated
             items, where = self._items(unique, packed)
-            slot = {}  # (item, facet-in-item) -> flat (caption, facet)
-            for flat, key in enumerate(where):
-                slot[key] = flat
+            slot = {key: flat for flat, key in enumerate(where)}  # (item, facet in item) -> (caption, facet)
             flat_out = out.view(-1, self.dim)
             for batch in self._batches(items):
                 hidden = self._hidden([items[i] for i in batch])
