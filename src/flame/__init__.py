@@ -18,6 +18,8 @@ _EXPORTS = {
     "FacetEncoder": "flame.facets",
     "EmbeddingStore": "flame.store",
     "MultiPositiveSigmoidLoss": "flame.loss",
+    "FlameModel": "flame.model",
+    "TextEncoder": "flame.textenc",
 }
 
 __all__ = sorted(_EXPORTS)

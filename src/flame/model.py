@@ -3,12 +3,23 @@
 A saved model is a folder with `model.safetensors` (tower, projector, logit scale/bias) and
 `config.json` = {"format": "flame-model", "version": 1, "tower": TowerConfig, "text": the
 store manifest's text side (LLM spec + fingerprint, layer, positions, prompt sets, facets,
-k, dim), "image": {"size", "mean", "std"}}. Evaluation and `encode_text` come later.
+k, dim), "image": {"size", "mean", "std"}}.
+
+For users: `FlameModel.from_pretrained(run or checkpoint folder)`, then `encode_image` (PIL
+images or a preprocessed batch), `encode_text` (through a lazily built `flame.textenc.TextEncoder`,
+which loads the LLM only for texts not yet in its disk cache) and `image_features` (pooled trunk
+features for linear probes).
+
+Evaluation preprocessing (`preprocess`, the CLIP/open_clip eval transform): convert to RGB,
+resize the shorter side to S with bicubic interpolation (antialiased), centre-crop S x S,
+scale to [0, 1], normalise with the tower's mean/std (OpenAI CLIP's for the open_clip towers).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +42,35 @@ def text_side(manifest: dict) -> dict:
     return {k: manifest[k] for k in TEXT_KEYS if k in manifest}
 
 
+def resolve_model_folder(path: str | Path) -> Path:
+    """A run folder -> its latest complete checkpoint; a checkpoint/model folder -> itself.
+    Anything else is one FlameError naming what was expected."""
+    path = Path(path).expanduser()
+    if (path / CONFIG).is_file():
+        return path
+    if path.is_dir():
+        marker = path / "latest"
+        if marker.is_file():
+            ckpt = path / marker.read_text().strip()
+            if (ckpt / CONFIG).is_file():
+                return ckpt
+        found = sorted(
+            (p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / CONFIG).is_file()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        if found:
+            return found[-1]
+    what = "does not exist" if not path.exists() else "is not a FLAME model"
+    raise FlameError(
+        f"{path} {what}: expected a run folder (from flame train) or a checkpoint/model folder "
+        f"holding {CONFIG} and {WEIGHTS}"
+    )
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
 class FlameModel(nn.Module):
     def __init__(self, tower: TowerConfig, text: dict | None = None):
         super().__init__()
@@ -39,6 +79,10 @@ class FlameModel(nn.Module):
         self.visual = ImageTower(tower)
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         self.logit_bias = nn.Parameter(torch.tensor(INIT_LOGIT_BIAS))
+        self.source: Path | None = None  # the folder this model was loaded from
+        self.text_options: dict = {}  # TextEncoder options (llm, device, force, cache_dir)
+        self._text_encoder = None
+        self._fingerprint: str | None = None
 
     # -- description --------------------------------------------------------------------
     @property
@@ -62,14 +106,96 @@ class FlameModel(nn.Module):
             "image": {"size": self.image_size, "mean": list(self.mean), "std": list(self.std)},
         }
 
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the weights (for image-vector caches): sha256 of model.safetensors when
+        loaded from a folder, else of the state dict's bytes; 16 hex digits."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            weights = self.source / WEIGHTS if self.source is not None else None
+            if weights is not None and weights.is_file():
+                with open(weights, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+            else:
+                for name, t in sorted(self.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
     # -- compute ------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image": self.visual(images), "logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
 
+    def transform(self):
+        """The evaluation transform as a picklable torchvision pipeline (for DataLoader workers):
+        PIL image -> float32 [3, S, S]. See the module docstring."""
+        from torchvision import transforms as T
+
+        return T.Compose([
+            T.Lambda(_to_rgb),
+            T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(self.image_size),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def preprocess(self, image) -> torch.Tensor:
+        """One PIL image -> float32 [3, S, S], ready for encode_image."""
+        return self.transform()(image)
+
+    def _batch(self, images) -> tuple[torch.Tensor, torch.device]:
+        """PIL images or a preprocessed [B,3,S,S] tensor -> (batch on the model's device, where
+        results go: the input tensor's device, or CPU for PIL images)."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise FlameError(f"expected preprocessed images [B, 3, S, S], got {list(images.shape)}")
+            return images.to(self.device, torch.float32), images.device
+        if not isinstance(images, Sequence):
+            images = [images]
+        transform = self.transform()
+        if not images:
+            return torch.empty(0, 3, self.image_size, self.image_size, device=self.device), torch.device("cpu")
+        return torch.stack([transform(im) for im in images]).to(self.device), torch.device("cpu")
+
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B,3,S,S] -> L2-normalised embeddings [B, D] (float32)."""
-        return self.visual(images).float()
+    def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
+        """PIL images (preprocessed here) or a preprocessed batch [B,3,S,S] -> L2-normalised
+        float32 [B, D]."""
+        x, out_device = self._batch(images)
+        parts = [self.visual(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        if not parts:
+            return torch.empty(0, self.tower_config.embed_dim)
+        return torch.cat(parts).to(out_device)
+
+    @torch.no_grad()
+    def image_features(self, images, batch_size: int = 256) -> torch.Tensor:
+        """Pooled trunk features before the projector, float32 [B, width] (what linear probes use)."""
+        x, out_device = self._batch(images)
+        parts = [self.visual.features(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        if not parts:
+            return torch.empty(0, self.visual.trunk.width)
+        return torch.cat(parts).to(out_device)
+
+    @property
+    def text_encoder(self):
+        """The `flame.textenc.TextEncoder` for this model's text side (built on first use)."""
+        if self._text_encoder is None:
+            from flame.textenc import TextEncoder
+
+            self._text_encoder = TextEncoder(self.text, **self.text_options)
+        return self._text_encoder
+
+    def encode_text(self, texts: Sequence[str], prompts="raw", progress: bool = False) -> torch.Tensor:
+        """Texts -> L2-normalised float32 [N, D] in the image space. `prompts`: "raw" (short text,
+        class prompts), "short", "long" (long or multi-sentence text), or a PromptSet. Cached on
+        disk; the LLM is loaded only for texts not cached yet."""
+        return self.text_encoder.encode(texts, prompts=prompts, progress=progress)
 
     def clamp_(self) -> None:
         clamp_logit_scale_(self.logit_scale)
@@ -110,9 +236,37 @@ class FlameModel(nn.Module):
         from safetensors.torch import load_file
 
         cfg = cls.read_config(folder)
-        model = cls.from_config(cfg)
+        try:
+            model = cls.from_config(cfg)
+        except (KeyError, TypeError) as e:
+            raise FlameError(f"{Path(folder) / CONFIG} is not a complete FLAME model config ({e})") from e
         weights = Path(folder) / WEIGHTS
         if not weights.is_file():
             raise FlameError(f"{folder} has no {WEIGHTS}")
-        model.load_state_dict(load_file(str(weights), device=str(map_location)))
+        from safetensors import SafetensorError
+
+        try:
+            model.load_state_dict(load_file(str(weights), device=str(map_location)))
+        except (RuntimeError, OSError, SafetensorError) as e:
+            raise FlameError(f"{weights} does not match its config.json: {str(e).splitlines()[0]}") from e
+        model.source = Path(folder)
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        llm: str | None = None,
+        llm_device: str | None = None,
+        force_llm: bool = False,
+        cache_dir: str | Path | None = None,
+    ) -> FlameModel:
+        """Load a model for use, in eval mode on `device` (default CPU). `path`: a run folder
+        (its latest checkpoint) or a checkpoint/model folder. The text side's LLM is loaded
+        only when `encode_text` meets an uncached text: `llm` overrides its spec, `llm_device`
+        places it, `force_llm` accepts other weights, `cache_dir` holds the text cache."""
+        folder = resolve_model_folder(path)
+        model = cls.load(folder)
+        model.text_options = {"llm": llm, "device": llm_device, "force": force_llm, "cache_dir": cache_dir}
+        return model.to(device or "cpu").eval()
