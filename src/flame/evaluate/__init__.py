@@ -1,0 +1,1 @@
+"""Evaluation stage: datasets, metrics and tasks in CLIP_benchmark's conventions."""

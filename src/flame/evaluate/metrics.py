@@ -1,0 +1,212 @@
+"""Evaluation metrics, defined exactly as CLIP_benchmark defines them.
+
+- Classification (`classification_metrics`): `acc1`, `acc5` = fraction of samples whose label is
+  among the k highest logits, chosen with `torch.topk` (so ties at the k-th place are broken the
+  way `torch.topk` breaks them, as in CLIP_benchmark); `acc5` is NaN with fewer than 5 classes.
+  `mean_per_class_recall` = mean over the classes present in the targets of the recall of the
+  argmax prediction (sklearn's `balanced_accuracy_score`, which CLIP_benchmark calls).
+- Retrieval (`retrieval_metrics`): scores = text . image; `image_retrieval_recall@k` = fraction of
+  captions whose image is among the k best-scoring images; `text_retrieval_recall@k` = fraction
+  of images with at least one of their captions among the k best-scoring captions. Top-k again
+  via `torch.topk` (ties as there). Where k exceeds the number of candidates, CLIP_benchmark
+  would fail; we take all candidates (recall 1).
+- Linear probe (`linear_probe`): L2-normalised features (CLIP_benchmark's default), a
+  logistic-regression classifier with an L2 penalty trained full-batch with L-BFGS; the penalty
+  is searched on CLIP_benchmark's grid (97 log-spaced values in [1e-6, 1e2], 7 coarse points
+  then a narrowing search) by top-1 accuracy on a validation split carved from train, then the
+  classifier is refit on train+val and reported on test (`lp_acc1`, `lp_acc5`,
+  `lp_mean_per_class_recall`, `weight_decay`, CLIP_benchmark's names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+RECALL_KS = (1, 5, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# classification
+# ----------------------------------------------------------------------------------------------
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1,)) -> list[float]:
+    """Fraction of rows whose target is among the top-k logits, for each k (torch.topk ranking)."""
+    pred = logits.topk(max(ks), dim=1, largest=True, sorted=True).indices  # [N, kmax]
+    correct = pred.eq(target.view(-1, 1))
+    n = len(target)
+    return [float(correct[:, :k].sum().item()) / n for k in ks]
+
+
+def mean_per_class_recall(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over the classes present in `target` of the fraction of their samples predicted right."""
+    target = target.long()
+    classes = torch.unique(target)
+    recalls = [(pred[target == c] == c).double().mean().item() for c in classes]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    logits, target = logits.float().cpu(), target.long().cpu()
+    n_classes = logits.shape[1]
+    if n_classes >= 5:
+        acc1, acc5 = topk_accuracy(logits, target, (1, 5))
+    else:
+        (acc1,), acc5 = topk_accuracy(logits, target, (1,)), float("nan")
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), target)}
+
+
+def zeroshot_logits(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """CLIP's zero-shot logits: 100 * normalised image . class vector (no bias)."""
+    return 100.0 * F.normalize(image_emb.float(), dim=-1) @ class_emb.float().T
+
+
+def class_vectors(template_emb: torch.Tensor) -> torch.Tensor:
+    """[C, T, D] embeddings of each class under each template -> [C, D]: the mean of the
+    normalised template embeddings, renormalised (as CLIP and CLIP_benchmark do)."""
+    return F.normalize(F.normalize(template_emb.float(), dim=-1).mean(dim=1), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# retrieval
+# ----------------------------------------------------------------------------------------------
+def _recall_hits(queries: torch.Tensor, keys: torch.Tensor, positive, k: int, chunk: int) -> torch.Tensor:
+    """For each query row: is a positive key among its top-k keys? `positive(rows, idx)` says
+    whether key idx[r, j] is a positive of query rows[r]."""
+    k = min(k, keys.shape[0])
+    hits = []
+    for start in range(0, queries.shape[0], chunk):
+        scores = queries[start : start + chunk] @ keys.T
+        idx = scores.topk(k, dim=1, largest=True, sorted=True).indices
+        rows = torch.arange(start, start + len(idx)).view(-1, 1)
+        hits.append(positive(rows, idx).any(dim=1))
+    return torch.cat(hits)
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """image_emb [I, D], text_emb [T, D] (normalised here), text_image[t] = index of caption t's image."""
+    images = F.normalize(image_emb.float().cpu(), dim=-1)
+    texts = F.normalize(text_emb.float().cpu(), dim=-1)
+    owner = torch.as_tensor(text_image, dtype=torch.long).cpu()
+    if len(owner) != len(texts):
+        raise ValueError(f"{len(texts)} captions but {len(owner)} caption->image indices")
+    out: dict[str, float] = {}
+    for k in ks:
+        # text -> image: caption t's positive is image owner[t]
+        img_hits = _recall_hits(texts, images, lambda r, idx: idx == owner[r], k, chunk)
+        # image -> text: image i's positives are the captions t with owner[t] == i
+        txt_hits = _recall_hits(images, texts, lambda r, idx: owner[idx] == r, k, chunk)
+        out[f"image_retrieval_recall@{k}"] = img_hits.float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = txt_hits.float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# linear probe
+# ----------------------------------------------------------------------------------------------
+WD_GRID = np.logspace(-6, 2, num=97).tolist()
+WD_COARSE = [i for i in range(0, 97, 16)]  # the 7 points of np.logspace(-6, 2, 7) on the grid
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int = 200,
+                 seed: int = 0) -> torch.nn.Linear:
+    """Multinomial logistic regression, loss = CE + weight_decay/2 * ||W||^2, full-batch L-BFGS."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(x.shape[1], n_classes)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) + 0.5 * weight_decay * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    # tiny problems are dominated by per-op overhead, which extra threads only add to
+    threads = torch.get_num_threads()
+    if x.numel() < 1_000_000:
+        torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return model
+
+
+def stratified_split(y: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, carved): about `fraction` of every class (at least one where a class has two
+    or more samples) goes to `carved`; seeded, so reruns pick the same samples."""
+    g = torch.Generator().manual_seed(seed)
+    rest, carved = [], []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = int(round(fraction * len(idx)))
+        n = max(1, n) if len(idx) >= 2 else 0
+        carved.append(idx[:n])
+        rest.append(idx[n:])
+    return torch.sort(torch.cat(rest)).values, torch.sort(torch.cat(carved)).values
+
+
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    normalize: bool = True,
+    max_iter: int = 200,
+) -> dict[str, float]:
+    train_x, test_x = train_x.float().cpu(), test_x.float().cpu()
+    train_y, test_y = train_y.long().cpu(), test_y.long().cpu()
+    if normalize:
+        train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
+    n_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
+    fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
+    scores: dict[int, float] = {}
+
+    def val_acc(i: int) -> float:
+        if i not in scores:
+            clf = fit_logistic(train_x[fit_idx], train_y[fit_idx], n_classes, WD_GRID[i], max_iter, seed)
+            with torch.no_grad():
+                scores[i] = topk_accuracy(clf(train_x[val_idx]), train_y[val_idx])[0]
+        return scores[i]
+
+    def peak(candidates: list[int], best: int) -> int:
+        # CLIP_benchmark's find_peak: first candidate with strictly higher accuracy wins
+        best_acc = -1.0
+        for i in candidates:
+            acc = val_acc(i)
+            if acc > best_acc:
+                best, best_acc = i, acc
+        return best
+
+    if len(val_idx):
+        best = peak(WD_COARSE, 0)
+        span = 8
+        while span > 0:
+            best = peak([max(best - span, 0), best, min(best + span, len(WD_GRID) - 1)], best)
+            span //= 2
+        wd = WD_GRID[best]
+    else:
+        wd = 0.0
+    clf = fit_logistic(train_x, train_y, n_classes, wd, max_iter, seed)  # refit on train + val
+    with torch.no_grad():
+        logits = clf(test_x)
+    m = classification_metrics(logits, test_y)
+    if test_y.max().item() < 5:  # CLIP_benchmark's linear probe reports acc5 only when a label >= 5 exists
+        m["acc5"] = float("nan")
+    return {"lp_acc1": m["acc1"], "lp_acc5": m["acc5"], "lp_mean_per_class_recall": m["mean_per_class_recall"],
+            "weight_decay": wd}
