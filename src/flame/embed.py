@@ -686,9 +686,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="count samples, project the store size and the time on this hardware; write nothing",
     )
+    from flame.release import add_import_arguments
+
+    add_import_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "import_release", None):  # the release's stored vectors: no LLM runs
+        from flame.release import run_import
+
+        return run_import(args)
     under_launcher = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     try:

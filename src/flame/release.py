@@ -1,0 +1,292 @@
+"""The FLAME release (github MIV-XJTU/FLAME) on this project's side: its text side as a
+manifest block, a safe reader for its PyTorch files, and `flame embed --import-release`.
+
+The release embeds every training image's captions offline and writes one file per image,
+`ROOT/{DIR}/{KEY}.pth`: a float16 tensor [11, 5120], L2-normalised rows in the order raw
+caption (raw set, 1 facet), short recaption (short set, 3), long recaption (long set, 7),
+computed by Mistral-Nemo-Instruct-2407, layer 39, with its packed "continue" positions.
+DIR is the key's first 5 characters for CC3M and the part before the first `_` for
+YFCC15M (the release's training reader uses both). The import copies those vectors into a
+normal store, one store shard per input tar shard, bit-exact in fp16.
+
+Every file is read with `torch.load(weights_only=True)`: a file that would need to run
+code to unpickle (anything but tensors and plain containers) is refused, never executed.
+The release records no fingerprint of its LLM's weights, so neither do we (`fingerprint`
+is null): nothing can verify later that a local Mistral-Nemo is the one it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import re
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flame.data.captions import ShardError, base_plus_ext, read_shard_captions
+from flame.data.shards import expand_shards, shard_name
+from flame.errors import FlameError
+from flame.prompts import PROMPT_SETS
+from flame.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+RELEASE_LLM = "mistralai/Mistral-Nemo-Instruct-2407"
+RELEASE_LAYER = 39  # 1-based decoder block: the output of block 39 of 40
+RELEASE_DIM = 5120
+RELEASE_ORIGIN = "FLAME release (github.com/MIV-XJTU/FLAME)"
+# the rows of a release .pth file: prompt set -> where its caption comes from
+RELEASE_SETS: dict[str, str] = {
+    "raw": "txt (the shard's own caption)",
+    "short": "release short recaption (MiniCPM-Llama3-V-2.5)",
+    "long": "release long recaption (MiniCPM-Llama3-V-2.5)",
+}
+# how the release names the folder of a key's file
+LAYOUTS: dict[str, Callable[[str], str]] = {
+    "cc3m": lambda key: key[:5],
+    "yfcc15m": lambda key: key.split("_")[0],
+}
+CHUNK = 256  # rows read before each write into the shard
+
+
+def release_text_side(dim: int = RELEASE_DIM, llm: str = RELEASE_LLM, layer: list[int] | None = None) -> dict:
+    """The text-side block (store manifest / model config) that describes the release's
+    embeddings: LLM, layer, continue positions, its raw/short/long prompt sets in its row
+    order. No LLM fingerprint is known for the release: it is recorded as null."""
+    sets = [{**PROMPT_SETS[name].to_dict(), "source": source} for name, source in RELEASE_SETS.items()]
+    return {
+        "llm": {"spec": llm, "fingerprint": None},
+        "layer": list(layer or [RELEASE_LAYER]),
+        "positions": "continue",
+        "prompt_sets": sets,
+        "facets": [f"{s['name']}/{i}" for s in sets for i in range(len(s["facets"]))],
+        "k": sum(len(s["facets"]) for s in sets),
+        "dim": int(dim),
+        "normalized": True,
+    }
+
+
+def release_manifest(dim: int, dtype: str) -> dict:
+    return {
+        "format": "flame-embeddings",
+        "version": 1,
+        "origin": RELEASE_ORIGIN,
+        **release_text_side(dim),
+        "dtype": dtype,
+    }
+
+
+# ---- safe reading -------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return f"it asks to import {m.group(1)}"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{e.__class__.__name__}: {line}" if line else e.__class__.__name__
+
+
+def torch_load_safe(path: str | Path, what: str, mmap: bool = False):
+    """torch.load(weights_only=True) with one-line FlameErrors: a pickle that would run code
+    is refused (never executed), an unreadable file is named. `mmap` maps tensors instead
+    of reading them (falls back to a plain read for old, non-zip files)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FlameError(f"{what} {path} does not exist")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FlameError(
+            f"refused to load {what} {path}: it is not plain tensor data and would run code when unpickled "
+            f"({_first_line(e)}); only weights_only files are read"
+        ) from None
+    except Exception as e:  # zip / EOF / format errors all mean the same thing to the user
+        raise FlameError(f"cannot read {what} {path} as a PyTorch file ({_first_line(e)})") from None
+
+
+def read_release_vectors(path: Path, k: int | None, dim: int | None) -> np.ndarray:
+    """One release .pth -> float32 [k, dim] (fp16 values are represented exactly)."""
+    import torch
+
+    t = torch_load_safe(path, "release embedding file")
+    if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+        found = f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise FlameError(f"release embedding file {path}: expected a float tensor [11, D], found {found}")
+    if (k is not None and t.shape[0] != k) or (dim is not None and t.shape[1] != dim):
+        raise FlameError(f"release embedding file {path}: shape {list(t.shape)}, expected [{k}, {dim}]")
+    return t.detach().to(torch.float32).numpy()
+
+
+# ---- import -------------------------------------------------------------------------------
+@dataclass
+class ImportStats:
+    samples: int = 0
+    done: int = 0
+    missing: int = 0
+    bytes: int = 0
+    failed: list = field(default_factory=list)  # (shard name, reason)
+    example_missing: str = ""
+
+
+class Finder:
+    """key -> the release file for it under ROOT (the first layout whose file exists)."""
+
+    def __init__(self, root: Path, layout: str):
+        self.root = root
+        self.layouts = list(LAYOUTS.values()) if layout == "auto" else [LAYOUTS[layout]]
+
+    def candidates(self, key: str) -> list[Path]:
+        return list(dict.fromkeys(self.root / fn(key) / f"{key}.pth" for fn in self.layouts))
+
+    def find(self, key: str) -> Path | None:
+        return next((p for p in self.candidates(key) if p.is_file()), None)
+
+
+def _tar_keys(path: Path) -> list[str]:
+    """Sample keys from member names only (no data read); [] for an unreadable tar."""
+    try:
+        with tarfile.open(path) as tar:
+            return list(dict.fromkeys(k for k, _ in map(base_plus_ext, tar.getnames()) if k is not None))
+    except (tarfile.TarError, OSError, EOFError):
+        return []
+
+
+def _probe_dim(shards: list[Path], finder: Finder) -> int:
+    """D of the release files, from the first file found for the shards' keys."""
+    example = None
+    for path in shards:
+        for key in _tar_keys(path):
+            found = finder.find(key)
+            if found is not None:
+                k, dim = read_release_vectors(found, None, None).shape
+                if k != 11:
+                    raise FlameError(f"release embedding file {found}: {k} rows, the release stores 11 per image")
+                return int(dim)
+            example = example or finder.candidates(key)[0]
+    hint = f" (looked for e.g. {example})" if example else " (the shards hold no samples)"
+    raise FlameError(f"no release embedding files under {finder.root} for the samples of the given shards{hint}")
+
+
+def _import_shard(store: EmbeddingStore, name: str, path: Path, finder: Finder, args, stats: ImportStats, bar) -> None:
+    keys = read_shard_captions(path, ()).keys  # ShardError for an unreadable tar
+    rows: list[tuple[str, Path]] = []
+    for key in keys:
+        found = finder.find(key)
+        if found is None:
+            looked = finder.candidates(key)[0]
+            if args.on_missing == "error":
+                raise FlameError(
+                    f"shard {name}: no release embedding file for sample {key!r} ({looked} is missing); "
+                    "--on-missing skip leaves such samples out"
+                )
+            stats.missing += 1
+            stats.example_missing = stats.example_missing or str(looked)
+            continue
+        rows.append((key, found))
+    writer = store.shard_writer(name, len(rows))
+    try:
+        for start in range(0, len(rows), CHUNK):
+            part = rows[start : start + CHUNK]
+            vectors = np.stack([read_release_vectors(p, store.k, store.dim) for _, p in part])
+            writer.write(slice(start, start + len(part)), vectors)
+            if bar is not None:
+                bar.update(len(part))
+        stats.bytes += writer.commit([key for key, _ in rows])
+    except BaseException:
+        writer.abort()
+        raise
+    stats.samples += len(rows)
+    stats.done += 1
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """`flame embed --import-release ROOT --data SHARDS --out STORE`."""
+    from flame.embed import StoreLock, _human_bytes, _human_time
+
+    if int(os.environ.get("RANK", "0")) != 0:  # file copying: one process does it all
+        return 0
+    if args.prompts != ["raw=txt"] or args.captions:
+        raise FlameError("--import-release reads the release's stored vectors: --prompts/--captions do not apply")
+    if args.dry_run:
+        raise FlameError("--dry-run is not supported with --import-release")
+    root = Path(args.import_release)
+    if not root.is_dir():
+        raise FlameError(f"--import-release {root}: not a folder")
+    shards = expand_shards(args.data)
+    names = [shard_name(p) for p in shards]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise FlameError(f"two input shards share the name {dup!r}; store shards are named by file name")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FlameError(f"--out {out} exists and is not a folder")
+    finder = Finder(root, args.release_layout)
+    t0 = time.perf_counter()
+    lock = StoreLock(out)
+    try:
+        if (out / "manifest.json").is_file() and not args.overwrite:
+            dim = EmbeddingStore(out).dim  # a resumed import: the files were probed the first time
+        else:
+            dim = _probe_dim(shards, finder)
+        store = EmbeddingStore.create(out, release_manifest(dim, args.dtype), overwrite=args.overwrite)
+        store.clean_temporaries()
+        todo = [(n, p) for n, p in zip(names, shards) if not store.is_complete(n)]
+        stats = ImportStats()
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"import {len(todo)} shards", unit="img", disable=None, dynamic_ncols=True)
+        for name, path in todo:
+            try:
+                _import_shard(store, name, path, finder, args, stats, bar)
+            except ShardError as e:
+                stats.failed.append((name, str(e)))
+                bar.write(f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)", file=sys.stderr)
+        bar.close()
+    finally:
+        lock.release()
+    missing_hint = f", e.g. {stats.example_missing}" if stats.example_missing else ""
+    print(
+        f"flame embed --import-release: {stats.samples:,} samples, shards {stats.done} done / "
+        f"{len(shards) - len(todo)} skipped / {len(stats.failed)} failed, {stats.missing:,} samples missing "
+        f"an embedding file ({args.on_missing}{missing_hint}), {_human_bytes(stats.bytes)} written to {out} "
+        f"in {_human_time(time.perf_counter() - t0)}"
+    )
+    if stats.failed:
+        listed = ", ".join(f"{n} ({r})" for n, r in stats.failed[:3]) + (" ..." if len(stats.failed) > 3 else "")
+        raise FlameError(f"{len(stats.failed)} shard(s) failed: {listed}; rerun the same command to retry")
+    return 0
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `flame embed` options of the release import (the command's other inputs are
+    --data, --out, --dtype, --on-missing, --overwrite)."""
+    g = parser.add_argument_group("FLAME release import (instead of running an LLM)")
+    g.add_argument(
+        "--import-release",
+        metavar="ROOT",
+        default=None,
+        help="copy the release's per-image embedding files ROOT/DIR/KEY.pth (11 x 5120 fp16) for the samples "
+        "of --data into the store, bit-exact in fp16; no LLM is loaded",
+    )
+    g.add_argument(
+        "--release-layout",
+        choices=("auto", *LAYOUTS),
+        default="auto",
+        help="folder of a key's file: cc3m = the key's first 5 characters, yfcc15m = the key up to its first '_', "
+        "auto = whichever exists (default)",
+    )
