@@ -65,11 +65,11 @@ def test_roundtrip(tmp_path, dtype):
     if dtype == "int8":
         assert r.scales("shard-0001").shape == (10, K)
         assert nbytes == sum(
-            (tmp_path / "st" / "shards" / f"shard-0001{s}").stat().st_size for s in (".npy", ".scale.npy", ".keys.json")
+            (tmp_path / "st" / "shards" / f"shard-0001{s}").stat().st_size for s in (".npy", ".scale", ".keys.json")
         )
     else:
         assert r.scales("shard-0001") is None
-        assert not (tmp_path / "st" / "shards" / "shard-0001.scale.npy").exists()
+        assert not (tmp_path / "st" / "shards" / "shard-0001.scale").exists()
     # no temporary file left behind
     assert not list((tmp_path / "st").rglob("*.tmp"))
 
@@ -100,7 +100,7 @@ def test_incomplete_shard_is_invisible_and_writes_are_deterministic(tmp_path):
     assert b.shards == [] and len(b) == 0
     assert b.clean_temporaries() == 2
     b.write_shard("s", keys, v)
-    for name in ("manifest.json", "shards/s.npy", "shards/s.scale.npy", "shards/s.keys.json"):
+    for name in ("manifest.json", "shards/s.npy", "shards/s.scale", "shards/s.keys.json"):
         assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
 
 
@@ -116,7 +116,7 @@ def test_streaming_writer_with_copies_matches_write_shard(tmp_path):
     w.write(np.array([3, 5]), v[[3, 5]])
     w.copy_rows(np.array([4]), np.array([1]))
     w.commit(list("abcdef"))
-    for name in ("shards/s.npy", "shards/s.scale.npy", "shards/s.keys.json"):
+    for name in ("shards/s.npy", "shards/s.scale", "shards/s.keys.json"):
         assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
 
 

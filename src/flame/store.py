@@ -1,27 +1,43 @@
 """The embedding store: one memory-mappable array per input shard plus a manifest.
 
-Layout (everything written to a temporary name, then renamed; `NAME.keys.json` is
-written last, so its presence marks a shard complete):
+Layout (everything written to a temporary name, fsynced, then renamed via flame.fileio;
+`NAME.keys.json` is written last, so its presence marks a shard complete):
 
     STORE/manifest.json            format, version, LLM spec + fingerprint, layer, positions,
                                    prompt sets, facet names, K, D, dtype, normalized
     STORE/shards/NAME.npy          [N, K, D] float16 or int8 (np.save format)
-    STORE/shards/NAME.scale.npy    [N, K] float32, int8 stores only (x = q * scale)
+    STORE/shards/NAME.scale        [N, K] float32 (np.save format), int8 stores only (x = q * scale);
+                                   no shard name can produce a file ending in `.scale` (stores
+                                   written before used NAME.scale.npy, which is still read)
     STORE/shards/NAME.keys.json    the N webdataset `__key__`s in row order
+    STORE/attempts/NAME.json       written by `flame embed` while a shard is attempted or after it
+                                   failed (so a rerun tries it last); removed once it is complete
 
 int8 uses one symmetric scale per vector: scale = max|x| / 127, q = round(x / scale).
+
+Reading is checked and bounded: a shard is validated against the manifest when it is opened
+(npy header, dtype, [N, K, D], file size, N against its keys; no data is read), at most
+`max_open` shards are kept open (an LRU: memory maps hold one file descriptor each), keys are
+indexed compactly (sorted UTF-8 bytes + row order, ~len(key) + 8 bytes per key), and no
+non-finite vector is ever written or handed out.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import shutil
+from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from flame import fileio
 from flame.errors import FlameError
 from flame.fileio import TMP_SUFFIX, write_atomic
 
@@ -30,6 +46,39 @@ VERSION = 1
 DTYPES = {"fp16": np.float16, "int8": np.int8}
 # Manifest fields that may differ between two runs writing the same store.
 _IGNORED_IN_COMPARISON = {("llm", "spec")}
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+ATTEMPTS = "attempts"
+
+
+class StoreFull(FlameError):
+    """The disk (or quota, or file-size limit) ran out while writing: fatal for the run,
+    complete shards stay valid."""
+
+
+class NonFiniteShard(FlameError):
+    """A shard's vectors hold NaN/inf (after quantisation): the shard is not committed."""
+
+
+@contextmanager
+def _disk_errors(what: str):
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise StoreFull(
+                f"{os.strerror(e.errno).lower()} while writing {what}; the complete shards are kept, "
+                "free space (or raise the limit) and rerun the same command"
+            ) from e
+        raise
+
+
+def _default_max_open() -> int:
+    """Open shards kept at most: a memory map holds a file descriptor (two per int8 shard),
+    so stay well under the process's limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 64
+    return max(2, min(64, soft // 8))
 
 
 def manifest_bytes(manifest: dict) -> bytes:
@@ -76,23 +125,27 @@ class ShardWriter:
         self.store, self.name, self.n = store, name, n
         self.paths = store._shard_paths(name)
         self.tmp = {k: p.with_name(p.name + TMP_SUFFIX) for k, p in self.paths.items()}
-        self.array = np.lib.format.open_memmap(
-            self.tmp["array"], mode="w+", dtype=DTYPES[store.dtype], shape=(n, store.k, store.dim)
-        )
-        self.scale = None
-        if store.dtype == "int8":
-            self.scale = np.lib.format.open_memmap(self.tmp["scale"], mode="w+", dtype=np.float32, shape=(n, store.k))
+        self.array = self.scale = None
+        try:
+            with _disk_errors(f"shard {name}"):
+                self.array = _allocate(self.tmp["array"], DTYPES[store.dtype], (n, store.k, store.dim))
+                if store.dtype == "int8":
+                    self.scale = _allocate(self.tmp["scale"], np.float32, (n, store.k))
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, rows, vectors: np.ndarray, facets: slice = slice(None)) -> None:
         """Store float vectors [len(rows), k, D] at `rows` (an index array or slice), facet
         columns `facets`; quantised per the store's dtype."""
         vectors = np.asarray(vectors, dtype=np.float32)
-        if self.scale is None:
-            self.array[rows, facets] = vectors.astype(np.float16)
-        else:
-            q, s = quantize_int8(vectors)
-            self.array[rows, facets] = q
-            self.scale[rows, facets] = s
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite rows are refused at commit
+            if self.scale is None:
+                self.array[rows, facets] = vectors.astype(np.float16)
+            else:
+                q, s = quantize_int8(vectors)
+                self.array[rows, facets] = q
+                self.scale[rows, facets] = s
 
     def copy_rows(self, dst, src, facets: slice = slice(None)) -> None:
         """Copy already-stored (quantised) vectors: used for repeated captions."""
@@ -100,18 +153,38 @@ class ShardWriter:
         if self.scale is not None:
             self.scale[dst, facets] = self.scale[src, facets]
 
+    def non_finite_rows(self) -> np.ndarray:
+        """Rows holding a NaN/inf anywhere (fp16 overflow turns large values into inf)."""
+        bad = []
+        for start in range(0, self.n, 1024):
+            if self.scale is not None:  # int8 values are finite; the scale carries NaN/inf
+                ok = np.isfinite(self.scale[start : start + 1024]).all(axis=1)
+            else:
+                ok = np.isfinite(self.array[start : start + 1024]).all(axis=(1, 2))
+            bad.extend(np.flatnonzero(~ok) + start)
+        return np.asarray(bad, dtype=np.int64)
+
     def commit(self, keys: Sequence[str]) -> int:
-        """Rename everything into place; returns the bytes written."""
+        """Check, fsync and rename everything into place (array, scales, keys last); returns
+        the bytes written. A shard with non-finite vectors raises NonFiniteShard instead."""
         if len(keys) != self.n:
             raise ValueError(f"shard {self.name}: {len(keys)} keys for {self.n} rows")
-        self.array.flush()
-        self.array = None
-        os.replace(self.tmp["array"], self.paths["array"])
-        if self.scale is not None:
-            self.scale.flush()
-            self.scale = None
-            os.replace(self.tmp["scale"], self.paths["scale"])
-        write_atomic(self.paths["keys"], (json.dumps(list(keys), ensure_ascii=False) + "\n").encode())
+        bad = self.non_finite_rows()
+        if len(bad):
+            first = ", ".join(repr(keys[i]) for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise NonFiniteShard(
+                f"{len(bad)} of {self.n} samples have non-finite vectors (NaN/inf, e.g. fp16 overflow in the "
+                f"LLM; first keys: {first}); the shard is not written"
+            )
+        with _disk_errors(f"shard {self.name}"):
+            self.array.flush()
+            self.array = None
+            fileio.replace(self.tmp["array"], self.paths["array"])
+            if self.scale is not None:
+                self.scale.flush()
+                self.scale = None
+                fileio.replace(self.tmp["scale"], self.paths["scale"])
+            write_atomic(self.paths["keys"], (json.dumps(list(keys), ensure_ascii=False) + "\n").encode())
         return sum(p.stat().st_size for k, p in self.paths.items() if k != "scale" or self.store.dtype == "int8")
 
     def abort(self) -> None:
@@ -120,12 +193,70 @@ class ShardWriter:
             p.unlink(missing_ok=True)
 
 
+def _allocate(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A writable .npy memory map whose blocks are reserved on disk now: a full disk fails
+    here with ENOSPC instead of a SIGBUS on some later page write."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+    return array
+
+
+class KeyIndex:
+    """key -> row of one shard, compact: the keys as UTF-8 bytes sorted once plus their rows
+    (about len(key) + 8 bytes per key; a dict of str costs ~130)."""
+
+    def __init__(self, keys: Sequence[str]):
+        encoded = np.array([k.encode("utf-8") for k in keys], dtype=bytes)
+        self._order = np.argsort(encoded, kind="stable")
+        self._sorted = encoded[self._order]
+        if len(keys) < 2**31:
+            self._order = self._order.astype(np.int32)
+
+    def get(self, key: str, default=None):
+        b = key.encode("utf-8")
+        i = int(np.searchsorted(self._sorted, b))
+        if i < len(self._sorted) and self._sorted[i] == b:
+            return int(self._order[i])
+        return default
+
+    def __getitem__(self, key: str) -> int:
+        row = self.get(key)
+        if row is None:
+            raise KeyError(key)
+        return row
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    @property
+    def nbytes(self) -> int:
+        return self._sorted.nbytes + self._order.nbytes
+
+
+@dataclass
+class _OpenShard:
+    array: np.ndarray
+    scale: np.ndarray | None
+    index: KeyIndex
+
+
 class EmbeddingStore:
     """Read (and write) a folder made by `flame embed`. Reading never loads whole arrays:
     `array(name)` is a memory map, `get(name, rows)` gathers and dequantises rows."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, max_open: int | None = None):
         self.path = Path(path)
+        self.max_open = max_open or _default_max_open()
         mf = self.path / "manifest.json"
         if not mf.is_file():
             raise FlameError(f"{self.path} is not an embedding store (no manifest.json); make one with flame embed")
@@ -142,10 +273,10 @@ class EmbeddingStore:
             )
         if self.manifest.get("dtype") not in DTYPES:
             raise FlameError(f"{mf}: unknown dtype {self.manifest.get('dtype')!r}")
-        self._arrays: dict[str, np.ndarray] = {}
-        self._scales: dict[str, np.ndarray] = {}
-        self._keys: dict[str, list[str]] = {}
-        self._index: dict[str, dict[str, int]] = {}
+        for field_ in ("k", "dim"):
+            if not isinstance(self.manifest.get(field_), int) or self.manifest[field_] < 1:
+                raise FlameError(f"{mf}: {field_} must be a positive integer, not {self.manifest.get(field_)!r}")
+        self._open: OrderedDict[str, _OpenShard] = OrderedDict()
 
     # ---- manifest fields -------------------------------------------------------------
     @property
@@ -191,7 +322,7 @@ class EmbeddingStore:
     # ---- reading ---------------------------------------------------------------------
     def _shard_paths(self, name: str) -> dict[str, Path]:
         d = self.shard_dir
-        return {"array": d / f"{name}.npy", "scale": d / f"{name}.scale.npy", "keys": d / f"{name}.keys.json"}
+        return {"array": d / f"{name}.npy", "scale": d / f"{name}.scale", "keys": d / f"{name}.keys.json"}
 
     def _require(self, name: str) -> dict[str, Path]:
         paths = self._shard_paths(name)
@@ -199,30 +330,101 @@ class EmbeddingStore:
             raise FlameError(f"store {self.path} has no complete shard {name!r}")
         return paths
 
+    def _bad(self, name: str, problem: str) -> FlameError:
+        return FlameError(
+            f"store {self.path}: shard {name!r} is damaged ({problem}); delete shards/{name}.keys.json "
+            "and rerun flame embed to recompute it"
+        )
+
+    def _read_keys(self, name: str) -> list[str]:
+        path = self._require(name)["keys"]
+        try:
+            keys = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise self._bad(name, f"{path.name} is unreadable: {e.__class__.__name__}") from e
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise self._bad(name, f"{path.name} is not a list of keys")
+        return keys
+
+    def _map(self, name: str, path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """Validate a .npy file's header and size against what the manifest and the keys
+        imply (no data is read), then memory-map it read-only."""
+        what = path.name
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read_header:
+                    raise ValueError(f"npy format version {version}")
+                got_shape, fortran, got_dtype = read_header[version](f)
+                offset, size = f.tell(), os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise self._bad(name, f"{what} is missing") from None
+        except (OSError, ValueError) as e:
+            raise self._bad(name, f"{what} is not a valid .npy file: {str(e).splitlines()[0]}") from e
+        want_dtype = np.dtype(dtype)
+        if got_dtype != want_dtype:
+            raise self._bad(name, f"{what} holds {got_dtype}, the manifest says {self.dtype} ({want_dtype})")
+        if fortran:
+            raise self._bad(name, f"{what} is in Fortran order")
+        if tuple(got_shape) != shape:
+            labels = ["N (keys)", "K", "D"][: len(shape)]
+            diff = ", ".join(f"{lab} {g} vs {w}" for lab, g, w in zip(labels, got_shape, shape) if g != w)
+            raise self._bad(
+                name,
+                f"{what} has shape {list(got_shape)}, the manifest and keys say {list(shape)}"
+                + (f": {diff}" if diff and len(got_shape) == len(shape) else ""),
+            )
+        expected = offset + int(np.prod(shape)) * want_dtype.itemsize
+        if size != expected:
+            kind = "truncated" if size < expected else "longer than its header says"
+            raise self._bad(name, f"{what} is {kind}: {size:,} bytes, expected {expected:,}")
+        return np.load(path, mmap_mode="r")
+
+    def _shard(self, name: str) -> _OpenShard:
+        """The open shard (validated on first use), most recently used last; the least
+        recently used is closed once more than `max_open` are open."""
+        shard = self._open.get(name)
+        if shard is not None:
+            self._open.move_to_end(name)
+            return shard
+        keys = self._read_keys(name)
+        paths = self._shard_paths(name)
+        array = self._map(name, paths["array"], DTYPES[self.dtype], (len(keys), self.k, self.dim))
+        scale = None
+        if self.dtype == "int8":
+            scale_path = paths["scale"]
+            if not scale_path.exists() and (self.shard_dir / f"{name}.scale.npy").exists():
+                scale_path = self.shard_dir / f"{name}.scale.npy"  # stores written before the rename
+            scale = self._map(name, scale_path, np.float32, (len(keys), self.k))
+        shard = self._open[name] = _OpenShard(array, scale, KeyIndex(keys))
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return shard
+
+    def validate(self, names: Sequence[str] | None = None) -> None:
+        """Check every (or the named) complete shard against the manifest; one FlameError
+        naming the first bad shard. Cheap: headers, sizes and keys, no vectors."""
+        for name in self.shards if names is None else names:
+            self._shard(name)
+
     def array(self, name: str) -> np.ndarray:
         """The shard's raw [N, K, D] array (float16 or int8) as a read-only memory map."""
-        if name not in self._arrays:
-            self._arrays[name] = np.load(self._require(name)["array"], mmap_mode="r")
-        return self._arrays[name]
+        return self._shard(name).array
 
     def scales(self, name: str) -> np.ndarray | None:
         """[N, K] float32 scales (int8 stores), else None."""
-        if self.dtype != "int8":
-            return None
-        if name not in self._scales:
-            self._scales[name] = np.load(self._require(name)["scale"], mmap_mode="r")
-        return self._scales[name]
+        return self._shard(name).scale
 
     def keys(self, name: str) -> list[str]:
-        if name not in self._keys:
-            self._keys[name] = json.loads(self._require(name)["keys"].read_text())
-        return self._keys[name]
+        """The shard's keys in row order (read from its keys file each call)."""
+        keys = self._read_keys(name)
+        self._shard(name)  # validated against the array
+        return keys
 
-    def index(self, name: str) -> dict[str, int]:
-        """key -> row for one shard."""
-        if name not in self._index:
-            self._index[name] = {key: i for i, key in enumerate(self.keys(name))}
-        return self._index[name]
+    def index(self, name: str) -> KeyIndex:
+        """key -> row for one shard (`.get(key)`, `key in`, `[key]`)."""
+        return self._shard(name).index
 
     def get(self, name: str, rows, facets=None) -> np.ndarray:
         """float32 [n, K, D] for `rows` (an int gives [K, D]; a slice or index array
@@ -234,9 +436,16 @@ class EmbeddingStore:
         if facets is not None:
             facets = np.asarray(facets, dtype=np.int64)
             sel = (rows[:, None], facets) if isinstance(rows, np.ndarray) else (rows, facets)
-        out = np.asarray(self.array(name)[sel], dtype=np.float32)
-        if self.dtype == "int8":
-            out *= np.asarray(self.scales(name)[sel], dtype=np.float32)[..., None]
+        shard = self._shard(name)
+        out = np.asarray(shard.array[sel], dtype=np.float32)
+        if shard.scale is not None:
+            scale = np.asarray(shard.scale[sel], dtype=np.float32)
+            finite = np.isfinite(scale)
+            out *= scale[..., None]
+        else:
+            finite = np.isfinite(out.sum(axis=-1))  # any NaN/inf in a vector makes its sum non-finite
+        if not finite.all():
+            raise self._bad(name, f"{int((~finite).sum())} of the vectors read hold NaN/inf")
         return out
 
     # ---- writing ---------------------------------------------------------------------
@@ -264,30 +473,64 @@ class EmbeddingStore:
             if diff is None:
                 return cls(path)
             if not overwrite:
+                n = len(cls(path).shards) if old.get("format") == FORMAT else 0
                 raise FlameError(
-                    f"store {path} was made with different settings ({diff}); "
-                    "use --overwrite to replace it or choose another --out"
+                    f"store {path} was made with different settings ({diff}); choose another --out, "
+                    f"or add --overwrite to DELETE its {n} complete shard{'s' if n != 1 else ''} and start again"
                 )
             shutil.rmtree(path / "shards", ignore_errors=True)
-            mf.unlink()
+            shutil.rmtree(path / ATTEMPTS, ignore_errors=True)
+            fileio.remove_durable(mf)
         elif path.is_dir():
-            ours = {".lock", "shards", "manifest.json" + TMP_SUFFIX}
+            ours = {".lock", ".lock-owner", "shards", ATTEMPTS, "manifest.json" + TMP_SUFFIX}
             stray = [p.name for p in path.iterdir() if p.name not in ours]
             if stray:
                 raise FlameError(
                     f"{path} exists and is not an embedding store (holds {stray[0]!r}); choose another --out"
                 )
         (path / "shards").mkdir(parents=True, exist_ok=True)
-        write_atomic(mf, manifest_bytes(manifest))
+        with _disk_errors(str(mf)):
+            write_atomic(mf, manifest_bytes(manifest))
         return cls(path)
 
     def clean_temporaries(self) -> int:
         """Remove temporary files left by a killed writer. Call only while holding the lock."""
         n = 0
-        for p in self.shard_dir.glob("*" + TMP_SUFFIX):
-            p.unlink(missing_ok=True)
-            n += 1
+        for folder in (self.shard_dir, self.path / ATTEMPTS):
+            for p in folder.glob("*" + TMP_SUFFIX):
+                p.unlink(missing_ok=True)
+                n += 1
         return n
+
+    # ---- attempts (flame embed's record of shards tried and not completed) ------------
+    def attempts(self) -> dict[str, dict]:
+        """name -> {"attempts": n, "error": last error or None (interrupted)}."""
+        out = {}
+        for p in sorted((self.path / ATTEMPTS).glob("*.json")):
+            try:
+                record = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = {}
+            out[p.name[: -len(".json")]] = record if isinstance(record, dict) else {}
+        return out
+
+    def record_attempt(self, name: str, error: str | None = None) -> None:
+        """Note (durably) that shard `name` is being tried (`error` None) or failed with `error`."""
+        folder = self.path / ATTEMPTS
+        folder.mkdir(exist_ok=True)
+        n = self._attempt_count(name) + (error is None)  # a start counts; its failure updates it
+        record = json.dumps({"attempts": n, "error": error}, ensure_ascii=False) + "\n"
+        with _disk_errors(f"{folder / name}.json"):
+            write_atomic(folder / f"{name}.json", record)
+
+    def _attempt_count(self, name: str) -> int:
+        try:
+            return int(json.loads((self.path / ATTEMPTS / f"{name}.json").read_text()).get("attempts", 0))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return 0
+
+    def clear_attempt(self, name: str) -> None:
+        fileio.remove_durable(self.path / ATTEMPTS / f"{name}.json")
 
     def shard_writer(self, name: str, n: int) -> ShardWriter:
         return ShardWriter(self, name, n)
