@@ -45,6 +45,17 @@ from flame.errors import FlameError
 log = logging.getLogger("flame.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+# The only decoders an image member may reach. A web-scraped `KEY.jpg` can hold anything PIL
+# can open (EPS hands it to Ghostscript, and there are dozens of rarely used parsers): every
+# other format is undecodable, skipped and counted.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Larger images are undecodable too (decompression bombs: a few KB of PNG can claim gigapixels;
+# 64 MP is ~200 MB of RGB per data worker). PIL's own limit (89 MP) only warns below twice it.
+MAX_PIXELS = 64 * 1024 * 1024
+
+
+class UndecodableImage(ValueError):
+    """An image member that is not decoded (wrong format, too many pixels)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -113,11 +124,30 @@ def crop_box(rng: random.Random, width: int, height: int, scale=(0.9, 1.0), rati
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def load_image(data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0)) -> torch.Tensor:
-    """Decode, random-resized-crop (or centre-resize when rng is None) -> uint8 [3, S, S]."""
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open (header only) an image of one of IMAGE_FORMATS with at most `max_pixels` pixels;
+    anything else raises UndecodableImage before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's bomb warning: our own limit below decides
+        try:
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as e:
+            raise UndecodableImage(f"too many pixels ({e})") from None
+        except OSError as e:  # UnidentifiedImageError: not one of IMAGE_FORMATS
+            raise UndecodableImage(f"not a {'/'.join(IMAGE_FORMATS)} image ({e.__class__.__name__})") from None
+    if img.width * img.height > max_pixels:
+        raise UndecodableImage(f"{img.width}x{img.height} pixels is over the limit of {max_pixels:,}")
+    return img
+
+
+def load_image(
+    data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0), max_pixels: int = MAX_PIXELS
+) -> torch.Tensor:
+    """Decode, random-resized-crop (or centre-resize when rng is None) -> uint8 [3, S, S].
+    Raises UndecodableImage (or PIL's error for a corrupt file) for what is not decoded."""
+    img = open_image(data, max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = Image.open(io.BytesIO(data))
         img = img.convert("RGB")
     if rng is None:
         box = (0, 0, img.width, img.height)
@@ -223,6 +253,7 @@ class StreamConfig:
     world: int = 1
     positions: dict = field(default_factory=dict)  # logical worker -> [epoch, pos]
     rotate: int = 0
+    max_pixels: int = MAX_PIXELS  # larger images are skipped as undecodable
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -280,7 +311,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 try:
                     if data is None:
                         raise ValueError("no image")
-                    img = load_image(data, c.image_size, rng, c.crop_scale)
+                    img = load_image(data, c.image_size, rng, c.crop_scale, c.max_pixels)
                 except Exception:
                     counts["undecodable"] += 1
                     continue
