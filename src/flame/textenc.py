@@ -69,20 +69,20 @@ class _Space:
         self.description = description
         self.index: dict[str, tuple[str, int]] = {}
         self.arrays: dict[str, np.ndarray] = {}
-        self.seen: set[str] = set()
+        self.seen: dict[str, int] = {}  # complete chunks indexed so far -> their row count
 
     def refresh(self) -> None:
         if not self.folder.is_dir():
             return
         for keys_file in sorted(self.folder.glob("*.keys.json")):
             name = keys_file.name[: -len(".keys.json")]
-            if name in self.seen:
+            if name in self.seen or not (self.folder / f"{name}.npy").is_file():
                 continue
             try:
                 keys = json.loads(keys_file.read_text())
             except (OSError, ValueError):
                 continue  # removed by a compaction between glob and read
-            self.seen.add(name)
+            self.seen[name] = len(keys)
             for row, caption in enumerate(keys):
                 self.index.setdefault(caption, (name, row))
 
@@ -97,7 +97,7 @@ class _Space:
             self.refresh()
         return [c for c in unique if c not in self.index]
 
-    def get(self, captions: Sequence[str]) -> np.ndarray:
+    def get(self, captions: Sequence[str], retry: bool = True) -> np.ndarray:
         """float32 [n, D] for captions that are all in the index."""
         rows_by_chunk: dict[str, list[tuple[int, int]]] = {}
         for i, c in enumerate(captions):
@@ -108,11 +108,13 @@ class _Space:
             try:
                 arr = self._array(name)
             except FileNotFoundError:  # compacted away by another process: rebuild the index once
+                if not retry:
+                    raise
                 self.index.clear()
                 self.seen.clear()
                 self.arrays.clear()
                 self.refresh()
-                return self.get(captions)
+                return self.get(captions, retry=False)
             idx = np.array([r for _, r in pairs])
             order = np.argsort(idx, kind="stable")
             vals = np.asarray(arr[idx[order]], dtype=np.float32)
@@ -128,10 +130,10 @@ class _Space:
             write_atomic(self.folder / "space.json", json.dumps(self.description, indent=2, ensure_ascii=False) + "\n")
         name = f"chunk-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._write(name, captions, vectors)
-        self.seen.add(name)
+        self.seen[name] = len(captions)
         for row, c in enumerate(captions):
             self.index.setdefault(c, (name, row))
-        if len(self.seen) > COMPACT_AT:
+        if sum(n < CHUNK for n in self.seen.values()) > COMPACT_AT:
             self.compact()
 
     def _write(self, name: str, captions: list[str], vectors: np.ndarray) -> None:
@@ -143,23 +145,25 @@ class _Space:
         write_atomic(self.folder / f"{name}.keys.json", json.dumps(captions, ensure_ascii=False))
 
     def compact(self) -> None:
-        """Merge every chunk into one; old chunks are removed after the merged one is complete.
-        A reader holding an old chunk's memory map keeps reading it (POSIX unlink semantics);
-        one that had not opened it yet rebuilds its index (see `get`)."""
+        """Merge the small chunks (many short calls leave many) into one; full chunks stay.
+        Old chunks are removed after the merged one is complete. A reader holding an old
+        chunk's memory map keeps reading it (POSIX unlink semantics); one that had not opened
+        it yet rebuilds its index (see `get`)."""
         self.refresh()
-        captions = list(self.index)
-        if not captions:
+        small = {n for n, rows in self.seen.items() if rows < CHUNK}
+        captions = [c for c, (n, _) in self.index.items() if n in small]
+        if len(small) < 2 or not captions:
             return
         vectors = self.get(captions)
-        old = set(self.seen)
         name = f"merged-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._write(name, captions, vectors)
-        for o in old:
+        for o in small:
             (self.folder / f"{o}.keys.json").unlink(missing_ok=True)
             (self.folder / f"{o}.npy").unlink(missing_ok=True)
-        self.index = {c: (name, row) for row, c in enumerate(captions)}
-        self.seen = {name}
-        self.arrays = {}
+            self.seen.pop(o, None)
+            self.arrays.pop(o, None)
+        self.seen[name] = len(captions)
+        self.index.update({c: (name, row) for row, c in enumerate(captions)})
 
 
 class TextEncoder:
