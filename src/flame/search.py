@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flame.data.images import IMAGE_EXTS, open_image
 from flame.errors import FlameError
 from flame.fileio import write_atomic
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+PHOTO_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)  # jpg jpeg png webp bmp
 INDEX_NAME = ".flame-index"
 KIND = "flame-image-index"
 FILES = "files.json"
@@ -67,7 +69,7 @@ def scan_photos(root: Path, skip: Path | None = None) -> dict[str, tuple[int, in
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != skip)
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_EXTS):
+            if name.lower().endswith(PHOTO_SUFFIXES):
                 path = here / name
                 try:
                     st = path.stat()
@@ -78,7 +80,8 @@ def scan_photos(root: Path, skip: Path | None = None) -> dict[str, tuple[int, in
 
 
 class _Photos(torch.utils.data.Dataset):
-    """Decodes and preprocesses in DataLoader workers; a photo that fails gives ok=False."""
+    """Decodes and preprocesses in DataLoader workers; a photo that fails gives ok=False. Only
+    JPEG/PNG/WEBP/BMP under flame.data.images.MAX_PIXELS are decoded (`open_image`)."""
 
     def __init__(self, root: Path, rels: list[str], transform, size: int):
         self.root, self.rels, self.transform, self.size = root, rels, transform, size
@@ -87,14 +90,12 @@ class _Photos(torch.utils.data.Dataset):
         return len(self.rels)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                with Image.open(self.root / self.rels[i]) as im:
+                with open_image((self.root / self.rels[i]).read_bytes()) as im:
                     return i, self.transform(im), True
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except (OSError, ValueError, SyntaxError):  # unreadable, undecodable, truncated, too large
             return i, torch.zeros(3, self.size, self.size), False
 
 
@@ -252,7 +253,7 @@ def build_index(
             bad = [todo[int(i)] for i in idx[~ok]]
             report.unreadable.extend(bad)
             for rel in bad:
-                bar.write(f"flame search: cannot read {rel} (skipped)")
+                bar.write(f"flame search: cannot read {rel} (skipped)", file=sys.stderr)
             if ok.any():
                 vectors.append(model.encode_image(images[ok]).cpu().numpy())
                 keys.extend(todo[int(i)] for i in idx[ok])
@@ -308,12 +309,12 @@ def _thumbnail(path: Path, size: int = 256) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with open_image(path.read_bytes()) as im:
                 im = im.convert("RGB")
                 im.thumbnail((size, size), Image.BICUBIC)
                 buf = io.BytesIO()
                 im.save(buf, format="JPEG", quality=85)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError):
         return None
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
