@@ -90,8 +90,9 @@ def _first_line(e: BaseException) -> str:
     m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if m:
         return f"it asks to import {m.group(1)}"
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{e.__class__.__name__}: {line}" if line else e.__class__.__name__
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    line = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{e.__class__.__name__}: {line[:160]}" if line else e.__class__.__name__
 
 
 def torch_load_safe(path: str | Path, what: str, mmap: bool = False):
@@ -111,6 +112,8 @@ def torch_load_safe(path: str | Path, what: str, mmap: bool = False):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of ours at all: garbage or damaged
+            raise FlameError(f"cannot read {what} {path} as a PyTorch file ({_first_line(e)})") from None
         raise FlameError(
             f"refused to load {what} {path}: it is not plain tensor data and would run code when unpickled "
             f"({_first_line(e)}); only weights_only files are read"
