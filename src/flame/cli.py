@@ -19,7 +19,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flame.train", "image shards + embedding store -> run folder with checkpoints"),
     "bench": ("flame.benchmarks", "performance figures (facets, store, train); --json FILE saves them"),
     "convert": ("flame.convert", "the FLAME release's open_clip checkpoint -> a FlameModel folder"),
-    "convert": ("flame.convert", "the FLAME release's open_clip checkpoint -> a FlameModel folder"),
     "search": ("flame.search", "index a photo folder with a trained model, query it with text, HTML contact sheet"),
 }
 
