@@ -39,14 +39,15 @@ class ReleaseStyle(nn.Module):
     final norm and projection present (as saved), `mm` = Linear, GELU, Linear, LayerNorm, a
     stand-in `text` LLM, and the logit scale / bias."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, dim: int = D):
         super().__init__()
         torch.manual_seed(seed)
         self.visual = VisionTransformer(
             image_size=SIZE, patch_size=PATCH, width=WIDTH, layers=LAYERS, heads=WIDTH // HEAD_WIDTH,
             mlp_ratio=4.0, output_dim=16,
         )
-        self.mm = nn.Sequential(nn.Linear(WIDTH, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, D), LayerNorm(D))
+        hidden = max(dim, 4096)
+        self.mm = nn.Sequential(nn.Linear(WIDTH, hidden), nn.GELU(), nn.Linear(hidden, dim), LayerNorm(dim))
         self.text = nn.Module()
         self.text.model = nn.Linear(4, 4)  # the release saves its LLM under text.*
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -266,3 +267,32 @@ def test_existing_out_needs_overwrite(tmp_path, capsys, release):
     assert code == 2 and "--overwrite" in _one_line(err)
     assert _convert(capsys, *args, "--overwrite")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "flame"]  # no temporaries left
+
+
+def test_converted_text_side_runs_on_a_local_llm(tmp_path, capsys, tiny_llm_dir):
+    """The text block `flame convert` writes drives encode_text: the release's prompt texts,
+    its layer and continue positions reach the facet encoder (here on the tiny LLM, named in
+    a release-format config with layer 2 of its 3)."""
+    from flame.facets import FacetEncoder
+    from flame.llm import load_llm
+    from flame.prompts import PROMPT_SETS
+
+    model = ReleaseStyle(dim=32)  # D = the tiny LLM's hidden size
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    cfg["mm_cfg"]["projector_dim"] = 32
+    cfg["text_cfg"].update(llm_model_name=str(tiny_llm_dir), layer="2")
+    (tmp_path / "tiny-llm.json").write_text(json.dumps(cfg))
+    _save(model, tmp_path / "ckpt.pt", module=True, wrapped=True)
+    code, _, err = _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "flame", "--config",
+                            tmp_path / "tiny-llm.json")
+    assert code == 0, err
+    converted = FlameModel.from_pretrained(tmp_path / "flame", cache_dir=tmp_path / "cache")
+    assert converted.text["llm"]["spec"] == str(tiny_llm_dir) and converted.text["layer"] == [2]
+    texts = ['a "red" car on the street?', "two dogs in the park"]
+    llm, tok = load_llm(str(tiny_llm_dir), device="cpu")
+    for name in ("raw", "long"):
+        enc = FacetEncoder(llm, tok, prompts=PROMPT_SETS[name], layer=[2], positions="continue")
+        want = F.normalize(enc.encode(texts).float().mean(dim=1), dim=-1)
+        got = converted.encode_text(texts, prompts=name)
+        assert got.shape == (2, 32)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)  # the text cache holds float16

@@ -187,3 +187,32 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, release):
     assert code == 2 and "expected a float tensor" in _one_line(err)
     code, _, err = _run(capsys, "--import-release", root / "emb", *data, "--prompts", "long=txt")
     assert code == 2 and "do not apply" in _one_line(err)
+
+
+@pytest.mark.slow
+def test_flame_train_uses_an_imported_store(tmp_path, capsys):
+    """Release files for real image shards -> import -> `flame train` runs on the store and its
+    checkpoint carries the release's text side (what `flame convert` writes too)."""
+    import webdataset as wds
+
+    from flame.data.synthetic import write_shards
+    from flame.model import FlameModel
+    from flame.release import release_text_side
+
+    shards = write_shards(tmp_path / "shards", 16, shard_size=8, size=32, seed=0)
+    keys = []
+    for p in shards:
+        keys += [s["__key__"] for s in wds.WebDataset(str(p), shardshuffle=False)]
+    _write_release(tmp_path / "emb", keys)
+    code, _, err = _import(capsys, tmp_path, tmp_path / "store")
+    assert code == 0, err
+    capsys.readouterr()
+    code = main([
+        "train", "--data", str(tmp_path / "shards"), "--embeddings", str(tmp_path / "store"), "--out",
+        str(tmp_path / "run"), "--tower", "vit-tiny", "--image-size", "32", "--proj-hidden", "32", "--no-progress",
+        "--no-tensorboard", "--batch-size", "8", "--workers", "0", "--steps", "2", "--save-every", "2",
+    ])
+    assert code == 0, capsys.readouterr().err
+    model = FlameModel.from_pretrained(tmp_path / "run")
+    assert model.text == release_text_side(D)
+    assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, D)
