@@ -37,7 +37,7 @@ from flame.data.captions import CaptionTable, ShardError, base_plus_ext, read_sh
 from flame.data.shards import expand_shards, shard_name
 from flame.errors import FlameError
 from flame.prompts import PromptSet, clean_caption, load_prompt_set
-from flame.store import DTYPES, EmbeddingStore
+from flame.store import DISK_FULL, DTYPES, EmbeddingStore, NonFiniteShard
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +180,16 @@ def _decide(fn):
 # ---- the lock -----------------------------------------------------------------------------
 class StoreLock:
     """An exclusive flock on STORE/.lock for the whole job. The kernel drops it when the
-    process dies, even by SIGKILL, so it never goes stale."""
+    process dies, even by SIGKILL, so it never goes stale. On a filesystem without flock
+    (some network mounts) it falls back to STORE/.lock-owner created with O_EXCL, holding
+    the host and pid: a file left by a dead process on this host is taken over."""
+
+    OWNER = ".lock-owner"
 
     def __init__(self, path: Path):
         self.path = path
         self.created = not path.exists()
+        self.owner: Path | None = None
         path.mkdir(parents=True, exist_ok=True)
         self.file = open(path / ".lock", "a+")  # noqa: SIM115 (held for the job)
         try:
@@ -195,8 +200,41 @@ class StoreLock:
                 f"store {path} is being written by another flame embed (lock {path / '.lock'} is held); "
                 "wait for it to finish or choose another --out"
             ) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP...: no flock here
+            self._lock_file(e)
+
+    def _lock_file(self, why: OSError) -> None:
+        owner = self.path / self.OWNER
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(owner, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                host, _, pid = owner.read_text(errors="replace").strip().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                    owner.unlink(missing_ok=True)  # left by a dead job on this host
+                    continue
+                self.file.close()
+                raise FlameError(
+                    f"store {self.path} is being written by another flame embed ({host} pid {pid}, lock file "
+                    f"{owner}; this filesystem has no flock); if no such job runs, delete that file"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.owner = owner
+            print(
+                f"flame embed: note: {self.path} has no flock ({os.strerror(why.errno or 0)}); "
+                f"locked with {owner} instead",
+                file=sys.stderr,
+            )
+            return
+        raise FlameError(f"cannot take the lock file {owner}; delete it if no flame embed writes {self.path}")
 
     def release(self) -> None:
+        if self.owner is not None:
+            self.owner.unlink(missing_ok=True)
         # a folder this run created and never turned into a store is removed again
         if self.created and not (self.path / "manifest.json").exists():
             (self.path / ".lock").unlink(missing_ok=True)
@@ -206,6 +244,16 @@ class StoreLock:
                 except OSError:
                     pass
         self.file.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---- encoding -----------------------------------------------------------------------------
@@ -304,6 +352,8 @@ def _shard_rows(name: str, path: Path, cfg: Config, tables, args, stats: Stats):
     lookups = [sc.text[s.ext] if s.ext else tables[s.table].column(s.column) for s in cfg.sources]
     keys: list[str] = []
     captions: list[list[str]] = [[] for _ in cfg.sources]
+    first_missing = None
+    n_missing = 0
     for key in sc.keys:
         caps = [lk.get(key) for lk in lookups]
         if any(c is None for c in caps):
@@ -315,6 +365,8 @@ def _shard_rows(name: str, path: Path, cfg: Config, tables, args, stats: Stats):
                     "--on-missing skip leaves such samples out"
                 )
             stats.missing += 1
+            n_missing += 1
+            first_missing = first_missing or where
             continue
         n_empty = sum(not c.strip() for c in caps)
         if n_empty:
@@ -326,6 +378,12 @@ def _shard_rows(name: str, path: Path, cfg: Config, tables, args, stats: Stats):
         keys.append(key)
         for i, c in enumerate(caps):
             captions[i].append(c)
+    if sc.keys and n_missing == len(sc.keys):
+        # not an empty shard to mark complete: a table or --prompts that does not fit this shard
+        raise ShardError(
+            f"all {n_missing} samples lack a caption (e.g. {first_missing} is missing); nothing is stored "
+            "for it, check --captions/--prompts/--key-field"
+        )
     return keys, captions
 
 
@@ -386,6 +444,40 @@ def _human_time(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
+# Errors of one shard that skip it (reported, exit 2 at the end, retried last by a rerun);
+# anything else that is not an `Exception` (KeyboardInterrupt...), a FlameError (the user
+# asked to stop, the disk is full) or MemoryError stops the run.
+MAX_UNEXPECTED_IN_A_ROW = 3
+
+
+def _stops_the_run(e: BaseException) -> bool:
+    if isinstance(e, ShardError | NonFiniteShard):
+        return False
+    if isinstance(e, FlameError | MemoryError) or not isinstance(e, Exception):
+        return True
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, FlameError):
+        return str(e)
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
+def _accept_legacy_fingerprint(manifest: dict, out: Path, legacy: str) -> dict:
+    """A store stamped with the dtype-dependent fingerprint of these very weights (as flame
+    wrote before) is the same store: keep its value so the manifest still matches."""
+    try:
+        old = json.loads((out / "manifest.json").read_text())
+        recorded = old["llm"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return manifest
+    if recorded == legacy and recorded != manifest["llm"]["fingerprint"]:
+        return {**manifest, "llm": {**manifest["llm"], "fingerprint": recorded}}
+    return manifest
+
+
 def _embed(args, cfg: Config, device: str) -> int:
     t0 = time.perf_counter()
     held: list[StoreLock] = []
@@ -397,14 +489,24 @@ def _embed(args, cfg: Config, device: str) -> int:
         rank, world = distributed.rank(), distributed.world_size()
         assigned = {str(p) for p in cfg.shards[rank::world]}
         tables = _load_tables(args, cfg, keys=_shard_keys(sorted(assigned)) if cfg.tables else None)
-        _, encoders, fingerprint = _load_encoders(args, cfg, device)
+        model, encoders, fingerprint = _load_encoders(args, cfg, device)
         manifest = _manifest(args, cfg, encoders, fingerprint)
 
         def open_store():
-            store = EmbeddingStore.create(cfg.out, manifest, overwrite=args.overwrite)
+            from flame.llm import legacy_llm_fingerprint
+
+            ours = _accept_legacy_fingerprint(manifest, cfg.out, legacy_llm_fingerprint(model))
+            store = EmbeddingStore.create(cfg.out, ours, overwrite=args.overwrite)
             store.clean_temporaries()
+            tried = store.attempts()
+            for name in tried:
+                if store.is_complete(name):  # completed just before a kill
+                    store.clear_attempt(name)
             names = [shard_name(p) for p in cfg.shards]
-            return [(n, str(p)) for n, p in zip(names, cfg.shards) if not store.is_complete(n)]
+            todo = [(n, str(p)) for n, p in zip(names, cfg.shards) if not store.is_complete(n)]
+            # shards that failed, or were being written when a job died, go last: a poison pill
+            # never holds up the rest (stable sort: the input order otherwise)
+            return sorted(todo, key=lambda t: tried.get(t[0], {}).get("attempts", 0) if t[0] in tried else 0)
 
         todo = _decide(open_store)
         store = EmbeddingStore(cfg.out)
@@ -424,25 +526,40 @@ def _embed(args, cfg: Config, device: str) -> int:
             )
         truncated0 = [e.truncated for e in encoders]
         per_shard: list[int] = []
+        unexpected = 0  # failures in a row that are not bad data
         for i, (name, path) in enumerate(mine):
+            store.record_attempt(name)
+            writer = None
             try:
                 keys, captions = _shard_rows(name, Path(path), cfg, tables, args, stats)
-            except ShardError as e:
-                stats.failed.append((name, str(e)))
-                msg = f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)"
-                (bar.write if bar is not None else print)(msg, file=sys.stderr)
-                continue
-            per_shard.append(len(keys) * len(cfg.sources))
-            if bar is not None:  # total = work so far + this shard + the rest at the mean shard size
-                bar.total = sum(per_shard) + (len(mine) - i - 1) * int(np.mean(per_shard))
-                bar.refresh()
-            writer = store.shard_writer(name, len(keys))
-            try:
+                per_shard.append(len(keys) * len(cfg.sources))
+                if bar is not None:  # total = work so far + this shard + the rest at the mean shard size
+                    bar.total = sum(per_shard) + (len(mine) - i - 1) * int(np.mean(per_shard))
+                    bar.refresh()
+                writer = store.shard_writer(name, len(keys))
                 _encode_shard(writer, keys, captions, cfg, encoders, args, stats, bar)
                 stats.bytes += writer.commit(keys)
-            except BaseException:
-                writer.abort()
-                raise
+            except BaseException as e:
+                if writer is not None:
+                    writer.abort()
+                if _stops_the_run(e):
+                    raise
+                reason = _reason(e)
+                stats.failed.append((name, reason))
+                store.record_attempt(name, reason)
+                msg = f"flame embed: shard {name} failed: {reason} (skipped; the other shards go on)"
+                (bar.write if bar is not None else print)(msg, file=sys.stderr)
+                log.debug("shard %s failed", name, exc_info=True)
+                unexpected = 0 if isinstance(e, ShardError | NonFiniteShard) else unexpected + 1
+                if unexpected >= MAX_UNEXPECTED_IN_A_ROW:
+                    raise FlameError(
+                        f"{unexpected} shards in a row failed with unexpected errors (last: {reason}); stopping: "
+                        "this looks like a problem of the setup or a bug, not of one shard's data "
+                        "(--debug shows the traceback)"
+                    ) from e
+                continue
+            store.clear_attempt(name)
+            unexpected = 0
             stats.samples += len(keys)
             stats.done += 1
         stats.truncated = sum(e.truncated - t for e, t in zip(encoders, truncated0))
@@ -473,7 +590,13 @@ def _embed(args, cfg: Config, device: str) -> int:
         names = ", ".join(f"{n} ({r})" for n, r in total.failed[:3]) + (" ..." if len(total.failed) > 3 else "")
         raise FlameError(
             f"{len(total.failed)} shard{'s' if len(total.failed) > 1 else ''} failed: {names}; "
-            "the other shards are complete, rerun the same command to retry"
+            "the other shards are complete, rerun the same command to retry (failed shards go last)"
+        )
+    if total.done and not total.samples:
+        raise FlameError(
+            f"no samples were stored: the {total.done} shard{'s' if total.done > 1 else ''} done hold none "
+            f"({total.missing:,} samples missing a caption, {total.empty:,} empty captions with --on-empty "
+            f"{args.on_empty}); check --data, --captions and --prompts"
         )
     return 0
 

@@ -8,16 +8,20 @@ GGUF loading de-quantizes every tensor, so the converted weights are cached on d
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 
+from flame import fileio
 from flame.errors import FlameError
 
 log = logging.getLogger(__name__)
@@ -63,12 +67,36 @@ def _check_causal(config, spec: str) -> None:
 
 
 def _gguf_cached(path: Path) -> Path:
-    """Convert a GGUF file once into a save_pretrained folder in the cache; return that folder."""
+    """Convert a GGUF file once into a save_pretrained folder in the cache; return that folder.
+
+    Every torchrun rank may ask at once: a file lock lets one convert while the others wait
+    and then read the cache. The conversion is written to a temporary folder named after its
+    host and pid and renamed (fsynced) when complete; temporary folders of dead conversions
+    (a killed job leaves a full fp32 copy) are removed."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / f"gguf-{path.stem}-{key}"
     if (target / "config.json").is_file():
+        _clean_stale_conversions(target, locked=False)
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target) as locked:
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        _clean_stale_conversions(target, locked=locked)
+        tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            _convert_gguf(path, tmp, target)
+            if target.exists():  # a folder without config.json: not ours to trust
+                shutil.rmtree(target)
+            fileio.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _convert_gguf(path: Path, tmp: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (de-quantizing once; cached in %s)", path.name, target)
@@ -82,16 +110,54 @@ def _gguf_cached(path: Path) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path):
+    """An exclusive flock on TARGET.lock; yields whether it is held (filesystems without
+    flock convert unlocked, as before, with one log line)."""
+    with open(target.with_name(target.name + ".lock"), "a+") as f:
+        locked = True
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process converting %s", target.name)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            log.warning("no file lock in %s (%s): converting without one", target.parent, os.strerror(e.errno))
+            locked = False
+        yield locked
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_TMP = re.compile(r"\.tmp(?:-(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def _clean_stale_conversions(target: Path, locked: bool) -> None:
+    """Remove temporary conversion folders of `target` left by dead processes: all of them
+    while holding the lock (a live converter would hold it), else those of dead pids on this host."""
+    host = socket.gethostname()
+    for tmp in target.parent.glob(target.name + ".tmp*"):
+        m = _TMP.search(tmp.name[len(target.name) :])
+        if m is None or not tmp.is_dir():
+            continue
+        same_host = m["host"] in (None, host)
+        if locked or (same_host and not _pid_alive(int(m["pid"]))):
+            log.info("removing %s (left by a conversion that did not finish)", tmp.name)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _resolve(spec: str) -> tuple[str, bool]:
@@ -152,8 +218,29 @@ def load_llm(
 
 
 def llm_fingerprint(model: torch.nn.Module) -> str:
-    """A short, cheap hash of the weights (a strided sample of every tensor plus names
-    and shapes): enough to tell two checkpoints apart without reading 12B values."""
+    """A short, cheap hash of the weights (a strided sample of every tensor plus names and
+    shapes): enough to tell two checkpoints apart without reading 12B values.
+
+    It does not depend on the dtype the model was loaded in: sampled values are rounded to
+    bfloat16 before hashing, so fp32 (CPU) and bf16 (GPU) loads of one checkpoint agree
+    exactly (and fp16 loads of a bf16/fp16 checkpoint), and a store begun on GPUs can be
+    finished on a CPU."""
+    h = hashlib.sha256(b"flame-fingerprint-2")
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024]
+        if sample.is_floating_point():
+            sample = sample.to(torch.float32).to(torch.bfloat16).view(torch.int16)
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(sample.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def legacy_llm_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint stores were stamped with before it became dtype-independent (it
+    hashed the values as loaded, in float32): accepted for an existing store made in the
+    same dtype."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
