@@ -296,3 +296,31 @@ def test_converted_text_side_runs_on_a_local_llm(tmp_path, capsys, tiny_llm_dir)
         got = converted.encode_text(texts, prompts=name)
         assert got.shape == (2, 32)
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)  # the text cache holds float16
+
+
+@pytest.mark.parametrize("name,embed_dim", [("FLAME-Mistral-Nemo-ViT-B-16", 512), ("FLAME-Mistral-Nemo-ViT-L-14", 768)])
+def test_full_size_release_layout_maps_onto_the_registered_config(name, embed_dim):
+    """A full-size release model's state-dict layout (open_clip tower with ln_post and proj, the
+    mm projector; built on the meta device, no memory) maps onto the registered config exactly,
+    and the other config is refused with a pointer to the right one."""
+    from flame.convert import check_against, map_release_state
+    from flame.errors import FlameError
+
+    cfg = RELEASE_CONFIGS[name]
+    with torch.device("meta"):
+        release = nn.Module()
+        release.visual = VisionTransformer(
+            image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers,
+            heads=cfg.width // 64, mlp_ratio=4.0, output_dim=embed_dim,
+        )
+        h = max(5120, 4096)
+        release.mm = nn.Sequential(nn.Linear(cfg.width, h), nn.GELU(), nn.Linear(h, 5120), LayerNorm(5120))
+        release.logit_scale = nn.Parameter(torch.zeros(()))
+        release.logit_bias = nn.Parameter(torch.zeros(()))
+    state = release.state_dict()
+    mapped, dropped = map_release_state(state)
+    assert dropped == {"head": 3, "llm": 0}
+    check_against(mapped, cfg, state)  # every tensor present, every shape equal
+    other = next(c for n, c in RELEASE_CONFIGS.items() if n != name)
+    with pytest.raises(FlameError, match=f"does not match --config {other.name}.*that is --config {name}"):
+        check_against(mapped, other, state)
