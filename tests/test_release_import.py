@@ -216,3 +216,18 @@ def test_flame_train_uses_an_imported_store(tmp_path, capsys):
     model = FlameModel.from_pretrained(tmp_path / "run")
     assert model.text == release_text_side(D)
     assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, D)
+
+
+def test_non_finite_vectors_fail_their_shard_only(tmp_path, capsys, release):
+    root, shards, _ = release
+    os.symlink(root / "shards", tmp_path / "shards")
+    emb = tmp_path / "emb"
+    _write_release(emb, [k for rows in shards.values() for k, *_ in rows])
+    bad = torch.load(emb / "00010" / "000100002.pth")
+    bad[4, 7] = float("nan")
+    torch.save(bad, emb / "00010" / "000100002.pth")
+    code, out, err = _import(capsys, tmp_path, tmp_path / "store")
+    assert code == 2 and "shards 1 done" in out
+    line = [ln for ln in err.splitlines() if "error:" in ln][0]
+    assert "data-0001" in line and "non-finite" in line and "'000100002'" in line
+    assert EmbeddingStore(tmp_path / "store").shards == ["data-0000"]

@@ -35,7 +35,7 @@ from flame.data.captions import ShardError, base_plus_ext, read_shard_captions
 from flame.data.shards import expand_shards, shard_name
 from flame.errors import FlameError
 from flame.prompts import PROMPT_SETS
-from flame.store import EmbeddingStore
+from flame.store import EmbeddingStore, NonFiniteShard
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def run_import(args: argparse.Namespace) -> int:
         for name, path in todo:
             try:
                 _import_shard(store, name, path, finder, args, stats, bar)
-            except ShardError as e:
+            except (ShardError, NonFiniteShard) as e:  # an unreadable tar, NaN/inf in the files: the rest goes on
                 stats.failed.append((name, str(e)))
                 bar.write(f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)", file=sys.stderr)
         bar.close()
