@@ -7,6 +7,10 @@ the whole prefix and the earlier tokens of its own facet, never another facet. W
 packed pass equals K separate passes exactly; "continue" numbers tokens 0..T-1 as the
 released FLAME code does. The embedding of a facet is the hidden state at its last token
 after the chosen decoder block(s) (before the final norm).
+
+Tokens are those of one string: the release tokenizes `prefix(caption) [sep ]F1 F2 ... FK` (single
+spaces) at once, so the facet ids here are cut out of one tokenization of the text after the caption,
+and the prefix of every caption is checked to end on a token boundary.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from flame.prompts import PromptSet, clean_caption, load_prompt_set
 
 log = logging.getLogger(__name__)
 POSITIONS = ("restart", "continue")
+_PROBE = "a photo of a dog."  # any caption: the token-boundary check at construction uses it
 
 
 @dataclass
@@ -67,6 +72,8 @@ def resolve_layers(layer: int | Sequence[int], n_layers: int) -> list[int]:
 
 
 class FacetEncoder:
+    """Captions -> [N, K, D] facet embeddings of a frozen LLM (see the module docstring)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -97,9 +104,9 @@ class FacetEncoder:
         # Whitespace that ends the prefix starts the first facet token instead (" this", not " " + "this"),
         # so the packed text tokenizes as the natural sentence would.
         self._before, self._after = before, after.rstrip()
-        lead = after[len(self._after) :]
-        self._facet_ids = [self._ids(lead + f) for f in self.prompts.facets]
-        self._first_facet_continue = self._ids(lead + self.prompts.sep + self.prompts.facets[0])
+        self._lead = after[len(self._after) :]
+        self._facet_ids = self._cut_facets()
+        self._check_boundary()
 
     @property
     def k(self) -> int:
@@ -112,34 +119,91 @@ class FacetEncoder:
     def _ids(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
+    def _text_ids(self, text: str) -> list[int]:
+        """Ids of text holding a caption: the tokenizer's own BOS/EOS are added where it adds them."""
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
     # ---- tokenization -------------------------------------------------------------------------
+    def facet_texts(self) -> list[str]:
+        """The text of each facet as it follows the prefix. continue: the release's one string
+        `[sep ]F1 F2 ... FK` (single spaces; `sep`, the release's `<s>`, belongs to F1); restart: each
+        facet follows the prefix on its own."""
+        p = self.prompts
+        if self.positions == "restart":
+            return [self._lead + f for f in p.facets]
+        first = self._lead + (p.sep + " " if p.sep else "") + p.facets[0]
+        return [first] + [" " + f for f in p.facets[1:]]
+
+    def _cut_facets(self) -> list[list[int]]:
+        """Facet ids cut out of ONE tokenization of the text after the caption (in continue mode all
+        facets in one string, as the release tokenizes them), so merges at piece boundaries come out as
+        the tokenizer makes them."""
+        chains = [self.facet_texts()] if self.positions == "continue" else [[t] for t in self.facet_texts()]
+        out = []
+        for chain in chains:
+            text, prev = self._after, self._ids(self._after)
+            for piece in chain:
+                text += piece
+                cur = self._ids(text)
+                if cur[: len(prev)] != prev or len(cur) == len(prev):
+                    raise FlameError(
+                        f"prompt set {self.prompts.name!r}: this tokenizer merges a facet prompt with the text "
+                        "before it, so the facets cannot be cut apart; start each facet with a space"
+                    )
+                out.append(cur[len(prev) :])
+                prev = cur
+        return out
+
+    def _check_boundary(self) -> None:
+        """The packed ids must be the one-string tokenization: the prefix has to end on a token boundary."""
+        head = self._before + _PROBE + self._after
+        prefix = self._ids(head, special=True)
+        pairs = list(zip(self._facet_ids, self.facet_texts()))
+        groups = [pairs] if self.positions == "continue" else [[p] for p in pairs]
+        for group in groups:
+            whole = self._ids(head + "".join(text for _, text in group), special=True)
+            if whole != prefix + [i for ids, _ in group for i in ids]:
+                raise FlameError(
+                    f"prompt set {self.prompts.name!r}: this tokenizer joins the end of the prefix with a "
+                    "facet, so prefix and facets cannot be tokenized apart"
+                )
+
     def _facets(self) -> list[list[int]]:
-        if self.positions == "continue":
-            return [self._first_facet_continue] + self._facet_ids[1:]
         return self._facet_ids
 
     def _prefix(self, caption: str) -> tuple[list[int], bool]:
         """Prefix ids for one caption, shortening only the caption when the sequence would
         not fit the model's context. Returns (ids, truncated)."""
-        facets = self._facets()
+        facets = self._facet_ids
         room = self.max_length - (
             sum(map(len, facets)) if self.positions == "continue" else max(map(len, facets))
         )
-        ids = self._ids(self._before + caption + self._after, special=True)
+        ids = self._text_ids(self._before + caption + self._after)
         if len(ids) <= room:
             return ids, False
         enc = self.tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
         keep = len(enc["input_ids"]) - (len(ids) - room)
         while keep > 0:
-            cut = caption[: enc["offset_mapping"][keep - 1][1]]
-            ids = self._ids(self._before + cut + self._after, special=True)
+            cut_text = caption[: enc["offset_mapping"][keep - 1][1]]
+            ids = self._text_ids(self._before + cut_text + self._after)
             if len(ids) <= room:
                 return ids, True
             keep -= 1
-        ids = self._ids(self._before + self._after, special=True)
+        ids = self._text_ids(self._before + self._after)
         if len(ids) > room:
             raise FlameError(f"the prompt set {self.prompts.name!r} alone does not fit in {self.max_length} tokens")
         return ids, True
+
+    def layout(self, caption: str) -> tuple[list[int], list[int]]:
+        """One caption's packed sequence as the model sees it: token ids (prefix, then the facets in
+        order) and the K positions its embeddings are read at (each facet's last token). In continue
+        mode the ids are those of the release's one templated string. For tests and inspection."""
+        prefix, _ = self._prefix(clean_caption(caption))
+        ids, reads = list(prefix), []
+        for facet in self._facet_ids:
+            ids += facet
+            reads.append(len(ids) - 1)
+        return ids, reads
 
     def _items(self, captions: list[str], packed: bool) -> tuple[list[_Item], list[tuple[int, int]]]:
         """Sequences to run and, per (caption, facet), where its embedding comes from."""

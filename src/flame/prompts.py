@@ -31,7 +31,8 @@ FACETS = (
 @dataclass(frozen=True)
 class PromptSet:
     """`prefix` holds `{cap}`; `sep` is text placed before the first facet in "continue" mode
-    only (the released FLAME code's literal `<s>`), visible to the first facet alone."""
+    only (the released FLAME code's literal `<s>`, followed by one space), visible to the first
+    facet alone."""
 
     name: str
     prefix: str
