@@ -129,6 +129,37 @@ def tiny(tiny_llm_dir):
     return load_llm(str(tiny_llm_dir))
 
 
+def bos_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer that behaves like Mistral's here: it adds `<s>` as BOS, and `<s>`
+    written in text is that control token (so the release's separator is a second BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from flame.llm import prepare_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([release_text(c, s) for c in CAPTIONS for s in SETS] * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return prepare_tokenizer(fast)
+
+
+@pytest.fixture(scope="module")
+def tiny_bos(tiny_llm_dir):
+    """The tiny model's weights with the Mistral-like tokenizer."""
+    model, _ = load_llm(str(tiny_llm_dir))
+    tok = bos_tokenizer()
+    assert len(tok) <= model.config.vocab_size
+    return model, tok
+
+
 @pytest.fixture(scope="module")
 def smollm2(flame_cache):
     return load_llm("smollm2-135m")
@@ -136,6 +167,13 @@ def smollm2(flame_cache):
 
 def test_token_ids_and_read_positions_equal_the_release(tiny):
     check_token_ids(*tiny)
+
+
+def test_token_ids_equal_the_release_with_a_bos_adding_tokenizer(tiny_bos):
+    model, tok = tiny_bos
+    check_token_ids(model, tok)
+    ids, _ = FacetEncoder(model, tok, prompts="long", positions="continue").layout("a dog")
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 2  # BOS, and the release's `<s>`
 
 
 def test_raw_set_restart_equals_the_release(tiny):
@@ -147,6 +185,10 @@ def test_raw_set_restart_equals_the_release(tiny):
 
 def test_continue_mode_hidden_states_equal_the_release_rule(tiny):
     check_hidden(*tiny, layer=2, captions=CAPTIONS, tol=1e-4)
+
+
+def test_continue_mode_equals_the_release_rule_with_a_bos_adding_tokenizer(tiny_bos):
+    check_hidden(*tiny_bos, layer=2, captions=CAPTIONS, tol=1e-4)
 
 
 def test_restart_mode_is_not_the_release_rule(tiny):

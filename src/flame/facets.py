@@ -10,7 +10,8 @@ after the chosen decoder block(s) (before the final norm).
 
 Tokens are those of one string: the release tokenizes `prefix(caption) [sep ]F1 F2 ... FK` (single
 spaces) at once, so the facet ids here are cut out of one tokenization of the text after the caption,
-and the prefix of every caption is checked to end on a token boundary.
+and the prefix of every caption is checked to end on a token boundary. Text inside a caption never
+becomes a control token (special-token strings there are plain text).
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class FacetEncoder:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def _text_ids(self, text: str) -> list[int]:
-        """Ids of text holding a caption: the tokenizer's own BOS/EOS are added where it adds them."""
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        """Ids of text holding a caption: the tokenizer's own BOS/EOS are added where it adds them, and
+        special-token strings inside the text (`<|im_end|>`, `<s>`, ...) stay plain text."""
+        return self.tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
 
     # ---- tokenization -------------------------------------------------------------------------
     def facet_texts(self) -> list[str]:
@@ -137,7 +139,7 @@ class FacetEncoder:
     def _cut_facets(self) -> list[list[int]]:
         """Facet ids cut out of ONE tokenization of the text after the caption (in continue mode all
         facets in one string, as the release tokenizes them), so merges at piece boundaries come out as
-        the tokenizer makes them."""
+        the tokenizer makes them. Special tokens written in the prompt set (the release's `<s>`) count."""
         chains = [self.facet_texts()] if self.positions == "continue" else [[t] for t in self.facet_texts()]
         out = []
         for chain in chains:
@@ -181,7 +183,9 @@ class FacetEncoder:
         ids = self._text_ids(self._before + caption + self._after)
         if len(ids) <= room:
             return ids, False
-        enc = self.tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(
+            caption, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
         keep = len(enc["input_ids"]) - (len(ids) - room)
         while keep > 0:
             cut_text = caption[: enc["offset_mapping"][keep - 1][1]]

@@ -7,6 +7,7 @@ encoder reads the prefix once and answers every facet in the same forward pass.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,8 @@ FACETS = (
 class PromptSet:
     """`prefix` holds `{cap}`; `sep` is text placed before the first facet in "continue" mode
     only (the released FLAME code's literal `<s>`, followed by one space), visible to the first
-    facet alone."""
+    facet alone. Special-token text in `sep` (Mistral's `<s>`) is parsed as that token, as the
+    release does; in a caption it is never."""
 
     name: str
     prefix: str
@@ -63,10 +65,15 @@ PROMPT_SETS: dict[str, PromptSet] = {
     "long": PromptSet("long", _LONG_PREFIX, FACETS, sep="<s>"),
 }
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def clean_caption(caption: str) -> str:
     """FLAME's clean-up: quotes become apostrophes, a trailing '?' becomes '.', and a
-    caption that does not end in . ? " ' gets a final '.'."""
-    cap = caption.strip()
+    caption that does not end in . ? " ' gets a final '.'. Surrounding whitespace is
+    dropped (the release keeps it), and lone surrogates (valid in JSON, not encodable as
+    UTF-8, so no tokenizer takes them) become U+FFFD."""
+    cap = _SURROGATE.sub("\ufffd", caption).strip()
     if cap and cap[-1] not in ".?\"'":
         cap += "."
     cap = cap.replace('"', "'")
