@@ -56,8 +56,9 @@ caption sources (--prompts SET=SOURCE):
   on 8 GPUs (one process per GPU; add --nnodes/--node_rank/--rdzv-endpoint for several machines):
     torchrun --nproc_per_node 8 -m flame embed ...same flags...
 
-bad input: a shard that cannot be read is reported and skipped (exit 2 at the end, rerun to
-retry it); a sample whose caption is missing (no KEY.EXT member, key not in the table, null
+bad input: a shard that fails (unreadable tar, an error while encoding it, NaN/inf vectors,
+no sample with a caption) is reported and skipped (exit 2 at the end; a rerun retries it, last;
+STORE/attempts/ records it); a sample whose caption is missing (no KEY.EXT member, key not in the table, null
 value) is left out of its shard's rows and counted (--on-missing skip), or stops the run
 (--on-missing error); an empty caption is embedded as empty text and counted (--on-empty embed),
 left out (skip) or stops the run (error).

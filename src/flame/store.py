@@ -18,7 +18,7 @@ int8 uses one symmetric scale per vector: scale = max|x| / 127, q = round(x / sc
 Reading is checked and bounded: a shard is validated against the manifest when it is opened
 (npy header, dtype, [N, K, D], file size, N against its keys; no data is read), at most
 `max_open` shards are kept open (an LRU: memory maps hold one file descriptor each), keys are
-indexed compactly (sorted UTF-8 bytes + row order, ~len(key) + 8 bytes per key), and no
+indexed compactly (sorted UTF-8 bytes + row order, len(key) + 4 bytes per key), and no
 non-finite vector is ever written or handed out.
 """
 
@@ -210,7 +210,7 @@ def _allocate(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
 
 class KeyIndex:
     """key -> row of one shard, compact: the keys as UTF-8 bytes sorted once plus their rows
-    (about len(key) + 8 bytes per key; a dict of str costs ~130)."""
+    (len(key) + 4 bytes per key; a dict of str and the key list cost ~130)."""
 
     def __init__(self, keys: Sequence[str]):
         encoded = np.array([k.encode("utf-8") for k in keys], dtype=bytes)
