@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from flame.cli import main as flame_main
+from flame.errors import FlameError
 from flame.model import FlameModel
 from flame.prompts import PROMPT_SETS
 from flame.search import default_prompts
@@ -192,10 +193,21 @@ def test_bad_input_is_one_line_and_exit_2(photos, model_dir, capsys, tmp_path):
     assert code == 2 and len(err.splitlines()) == 1 and "is not a FLAME model" in err
     code, err = err_of(["search", "index", str(photos), "--model", str(not_a_model)])
     assert code == 2 and len(err.splitlines()) == 1
+    with pytest.raises(FlameError, match="is not a FLAME model"):  # --debug keeps the traceback
+        flame_main(["search", "query", "a dog", "--model", str(not_a_model), "--debug"])
     code, err = err_of(["search", "query", "a dog", "--model", str(model_dir), "--index", str(tmp_path / "none")])
     assert code == 2 and "no search index" in err and "flame search index" in err
     code, err = err_of(["search", "index", str(tmp_path / "nowhere"), "--model", str(model_dir)])
     assert code == 2 and "not a folder" in err
+
+    # one indexer at a time
+    import fcntl
+
+    (photos / ".flame-index").mkdir()
+    with open(photos / ".flame-index" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, _, err = _index(photos, model_dir, capsys, "--workers", "0")
+    assert code == 2 and "being updated by another" in err
 
     # an index made by another model is refused (its vectors live in another space); --rebuild replaces it
     assert _index(photos, model_dir, capsys, "--workers", "0")[0] == 0

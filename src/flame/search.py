@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import fcntl
 import html
 import io
 import json
@@ -28,6 +29,7 @@ import os
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,6 +224,26 @@ def build_index(
     if not photos.is_dir():
         raise FlameError(f"{photos} is not a folder of photos")
     index = Path(index) if index is not None else photos / INDEX_NAME
+    with _lock(index):
+        return _update(photos, model, index, batch_size, workers, rebuild, progress)
+
+
+@contextmanager
+def _lock(index: Path):
+    """One indexer per index at a time (an flock the kernel drops if the process dies)."""
+    index.mkdir(parents=True, exist_ok=True)
+    with open(index / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlameError(f"index {index} is being updated by another flame search index; wait for it") from None
+        except OSError:
+            pass  # no flock on this filesystem: the user runs one indexer at a time
+        yield
+
+
+def _update(photos: Path, model, index: Path, batch_size: int, workers: int, rebuild: bool,
+            progress: bool) -> IndexReport:
     store = _open_index(index, model, rebuild)
     store.clean_temporaries()
     found = scan_photos(photos, skip=index)
@@ -351,6 +373,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=Path, metavar="DIR",
                    help="index folder (default: PHOTOS/.flame-index; for query ./.flame-index)")
     p.add_argument("--device", default="auto", help="where the image tower runs (default: cuda if present, else cpu)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -386,13 +409,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--cache-dir", type=Path, help="text-vector cache (default: $FLAME_CACHE/text)")
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
+    from flame.distributed import resolve_device
     from flame.model import FlameModel
 
     if args.action == "index":
@@ -400,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
             raise FlameError(f"{args.photos} is not a folder of photos")
         if args.batch_size < 1 or args.workers < 0:
             raise FlameError("--batch-size must be >= 1 and --workers >= 0")
-        model = FlameModel.from_pretrained(args.model, device=_device(args.device))
+        model = FlameModel.from_pretrained(args.model, device=resolve_device(args.device))
         index = args.index or args.photos / INDEX_NAME
         r = build_index(args.photos, model, index, args.batch_size, args.workers, args.rebuild,
                         progress=not args.no_progress)
@@ -410,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise FlameError("-k must be >= 1")
     model = FlameModel.from_pretrained(
-        args.model, device=_device(args.device), llm=args.llm, llm_device=args.llm_device,
+        args.model, device=resolve_device(args.device), llm=args.llm, llm_device=args.llm_device,
         force_llm=args.force_llm, cache_dir=args.cache_dir,
     )
     index = args.index or Path(INDEX_NAME)
@@ -418,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
     if not rels:
         raise FlameError(f"index {index} holds no photos")
     prompts, hits = search(model, rels, vectors, args.text, args.k, args.prompts)
-    print(f"query ({prompts} prompts): {args.text}")
+    print(f"{len(rels)} photos under {photos or index.parent}; query ({prompts} prompts): {args.text}")
     for rank, (score, rel) in enumerate(hits, 1):
         print(f"{rank:>4}  {score:7.4f}  {rel}")
     if args.html:
