@@ -223,6 +223,15 @@ def test_llm_fingerprint_mismatch_needs_force(text, tmp_path):
     assert forced.encode(["a cat"]).shape == (1, 32)
 
 
+def test_a_legacy_fingerprint_is_accepted(text, llm, tmp_path):
+    """Models trained on stores stamped with the old (dtype-dependent) fingerprint still work."""
+    from flame.llm import legacy_llm_fingerprint
+
+    old = {**text, "llm": {**text["llm"], "fingerprint": legacy_llm_fingerprint(llm[0])}}
+    assert old["llm"]["fingerprint"] != text["llm"]["fingerprint"]
+    assert TextEncoder(old, cache_dir=tmp_path / "cache").encode(["a cat"]).shape == (1, 32)
+
+
 def test_unload_frees_the_llm(text, tmp_path):
     enc = TextEncoder(text, cache_dir=tmp_path / "cache")
     enc.encode(["a cat on a mat"], "short")

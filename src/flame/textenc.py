@@ -244,13 +244,15 @@ class TextEncoder:
 
     def _load(self):
         if self._llm is None:
-            from flame.llm import llm_fingerprint, load_llm
+            from flame.llm import legacy_llm_fingerprint, llm_fingerprint, load_llm
 
             model, tokenizer = load_llm(self.spec, device=self.device)
             self.loads += 1
             if self.recorded_fingerprint:
                 found = llm_fingerprint(model)
-                if found != self.recorded_fingerprint and not self.force:
+                # models trained on stores stamped before the fingerprint became dtype-independent
+                same = found == self.recorded_fingerprint or legacy_llm_fingerprint(model) == self.recorded_fingerprint
+                if not same and not self.force:
                     del model, tokenizer
                     gc.collect()
                     raise FlameError(
