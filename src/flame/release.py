@@ -123,7 +123,7 @@ def torch_load_safe(path: str | Path, what: str, mmap: bool = False):
 
 
 def read_release_vectors(path: Path, k: int | None, dim: int | None) -> np.ndarray:
-    """One release .pth -> float32 [k, dim] (fp16 values are represented exactly)."""
+    """One release .pth -> a numpy [k, dim] array of its values (float16 as the release stores)."""
     import torch
 
     t = torch_load_safe(path, "release embedding file")
@@ -132,7 +132,9 @@ def read_release_vectors(path: Path, k: int | None, dim: int | None) -> np.ndarr
         raise FlameError(f"release embedding file {path}: expected a float tensor [11, D], found {found}")
     if (k is not None and t.shape[0] != k) or (dim is not None and t.shape[1] != dim):
         raise FlameError(f"release embedding file {path}: shape {list(t.shape)}, expected [{k}, {dim}]")
-    return t.detach().to(torch.float32).numpy()
+    if t.dtype in (torch.float16, torch.float32, torch.float64):  # as stored: the store's writer converts once
+        return t.detach().numpy()
+    return t.detach().to(torch.float32).numpy()  # bfloat16: numpy has no such type
 
 
 # ---- import -------------------------------------------------------------------------------
