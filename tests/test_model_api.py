@@ -223,6 +223,16 @@ def test_llm_fingerprint_mismatch_needs_force(text, tmp_path):
     assert forced.encode(["a cat"]).shape == (1, 32)
 
 
+def test_an_llm_of_another_width_is_refused_even_when_forced(text, tmp_path):
+    from conftest import build_tiny_llm
+
+    narrow = build_tiny_llm(tmp_path / "narrow", hidden=16)
+    enc = TextEncoder(text, cache_dir=tmp_path / "cache", llm=str(narrow), force=True)
+    with pytest.raises(FlameError, match="hidden size 16.*D=32"):
+        enc.encode(["a cat"])
+    assert not enc.llm_loaded
+
+
 def test_a_legacy_fingerprint_is_accepted(text, llm, tmp_path):
     """Models trained on stores stamped with the old (dtype-dependent) fingerprint still work."""
     from flame.llm import legacy_llm_fingerprint

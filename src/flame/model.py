@@ -262,11 +262,13 @@ class FlameModel(nn.Module):
         force_llm: bool = False,
         cache_dir: str | Path | None = None,
     ) -> FlameModel:
-        """Load a model for use, in eval mode on `device` (default CPU). `path`: a run folder
+        """Load a model for use, in eval mode on `device` (default CPU; "auto": CUDA if present). `path`: a run folder
         (its latest checkpoint) or a checkpoint/model folder. The text side's LLM is loaded
         only when `encode_text` meets an uncached text: `llm` overrides its spec, `llm_device`
         places it, `force_llm` accepts other weights, `cache_dir` holds the text cache."""
         folder = resolve_model_folder(path)
         model = cls.load(folder)
         model.text_options = {"llm": llm, "device": llm_device, "force": force_llm, "cache_dir": cache_dir}
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         return model.to(device or "cpu").eval()

@@ -259,6 +259,15 @@ class TextEncoder:
                         f"LLM {self.spec!r} has weight fingerprint {found}, but the model was trained with "
                         f"{self.recorded_fingerprint}; use the same LLM, or force it (--force-llm / force_llm=True)"
                     )
+            dim = self.text.get("dim")
+            if dim and model.config.hidden_size != int(dim):
+                hidden = model.config.hidden_size
+                del model, tokenizer
+                gc.collect()
+                raise FlameError(
+                    f"LLM {self.spec!r} has hidden size {hidden}, but the model's text side has D={dim}: "
+                    "its vectors cannot live in this image space"
+                )
             self._llm = (model, tokenizer)
         return self._llm
 
