@@ -231,3 +231,21 @@ def test_non_finite_vectors_fail_their_shard_only(tmp_path, capsys, release):
     line = [ln for ln in err.splitlines() if "error:" in ln][0]
     assert "data-0001" in line and "non-finite" in line and "'000100002'" in line
     assert EmbeddingStore(tmp_path / "store").shards == ["data-0000"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [4, 6])
+def test_sigkilled_import_resumes_to_the_same_bytes(tmp_path, capsys, release, kill_at):
+    """SIGKILL at a durable step (fileio's fault hook: 4 = after shard 0's array rename, before
+    its keys; 6 = right after shard 0 completes), rerun: the store equals an uninterrupted one."""
+    from embed_data import flame
+
+    root, _, _ = release
+    assert _import(capsys, root, tmp_path / "clean")[0] == 0
+    args = ["embed", "--import-release", root / "emb", "--data", root / "shards", "--out", tmp_path / "store"]
+    killed = flame(*args, env={"FLAME_TEST_KILL_AT": str(kill_at)})
+    assert killed.returncode == -9, killed.stderr
+    again = flame(*args)
+    assert again.returncode == 0, again.stderr
+    assert ("1 skipped" if kill_at == 6 else "0 skipped") in again.stdout
+    assert store_files(tmp_path / "store") == store_files(tmp_path / "clean")
