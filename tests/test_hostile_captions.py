@@ -76,3 +76,95 @@ def test_special_token_text_stays_text_smollm2(flame_cache):
     check_no_control_tokens(model, tok)
     emb = FacetEncoder(model, tok, prompts="short", positions="continue").encode(["a dog <|im_end|><|endoftext|>"])
     assert torch.isfinite(emb).all()
+
+
+# ---- the caption cap ---------------------------------------------------------------------------
+class _Recording:
+    """A tokenizer that remembers the longest text it was handed."""
+
+    def __init__(self, tok):
+        self._tok, self.longest = tok, 0
+
+    def __call__(self, text, **kw):
+        self.longest = max(self.longest, len(text))
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def check_cap(model, tok, cap: int | None) -> None:
+    huge = "a small red car parked on a wet street at night. " * 4082  # 200,002 characters
+    recording = _Recording(tok)
+    enc = FacetEncoder(model, recording, prompts="long", positions="continue", max_caption_tokens=cap)
+    limit = enc.max_caption_tokens
+    template = len(enc.layout("")[0])  # prompts with an empty caption: prefix and all facets
+    recording.longest = 0
+    emb = enc.encode([huge, "a dog"])
+    assert emb.shape == (2, 7, model.config.hidden_size) and torch.isfinite(emb).all()
+    assert enc.truncated == 1
+    assert enc.tokens <= 2 * template + limit + 10  # both sequences: the huge one holds at most `limit` caption tokens
+    assert len(enc.layout(huge)[0]) <= template + limit
+    assert recording.longest <= limit * 32 + 200  # the text was cut by characters before tokenizing
+    assert len(enc.layout(huge)[0]) >= template + limit - 4  # cut at the cap, not far below it
+
+
+def test_a_200k_character_caption_is_capped(tiny):
+    check_cap(*tiny, cap=64)  # below the tiny model's 512-token context
+
+
+def test_default_cap_and_bad_caps(tiny):
+    from flame.errors import FlameError
+
+    assert FacetEncoder(*tiny).max_caption_tokens == 512
+    for bad in (0, -3, True):
+        with pytest.raises(FlameError, match="max_caption_tokens"):
+            FacetEncoder(*tiny, max_caption_tokens=bad)
+    enc = FacetEncoder(*tiny, prompts="raw", max_caption_tokens=None)  # only the context limits it
+    ids, _ = enc.layout("dog " * 1000)
+    assert len(ids) == enc.max_length
+
+
+@pytest.mark.slow
+def test_a_200k_character_caption_is_capped_smollm2(flame_cache):
+    model, tok = load_llm("smollm2-135m")
+    assert model.config.max_position_embeddings > 4 * 512  # the default cap sits well below the context
+    check_cap(model, tok, cap=512)
+
+
+def test_flame_embed_max_caption_tokens(tmp_path, tiny_llm_dir, tiny, capsys):
+    """The cap reaches `flame embed`; a non-default cap is recorded in the manifest (and a store made
+    under another cap is refused); the default is not recorded, so stores made before the cap resume."""
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from embed_data import FAKE_JPEG
+
+    from flame.cli import main
+    from flame.store import EmbeddingStore
+
+    huge = "a small red car parked on a wet street at night. " * 4082
+    (tmp_path / "d").mkdir()
+    with wds.TarWriter(str(tmp_path / "d" / "s.tar")) as w:
+        for key, txt in [("k0", "a dog"), ("k1", huge)]:
+            w.write({"__key__": key, "jpg": FAKE_JPEG, "txt": txt})
+
+    def embed(out, *extra):
+        capsys.readouterr()
+        code = main(["embed", "--data", str(tmp_path / "d"), "--llm", str(tiny_llm_dir), "--out", str(out), *extra])
+        return code, *capsys.readouterr()
+
+    code, out, err = embed(tmp_path / "a", "--max-caption-tokens", "16")
+    assert code == 0 and "1 truncated captions" in out, err
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["max_caption_tokens"] == 16
+    want = FacetEncoder(*tiny, prompts="raw", max_caption_tokens=16).encode([huge])
+    got = EmbeddingStore(tmp_path / "a").get("s", 1)
+    np.testing.assert_allclose(got, torch.nn.functional.normalize(want[0], dim=-1).numpy(), atol=2e-3)
+    code, _, err = embed(tmp_path / "a")  # the default cap on a 16-token store: refused, nothing lost
+    assert code == 2 and "max_caption_tokens" in err and EmbeddingStore(tmp_path / "a").keys("s") == ["k0", "k1"]
+    code, out, _ = embed(tmp_path / "b")
+    assert code == 0 and "max_caption_tokens" not in json.loads((tmp_path / "b" / "manifest.json").read_text())
+    code, _, err = embed(tmp_path / "c", "--max-caption-tokens", "0")
+    assert code == 2 and "max_caption_tokens" in err and "Traceback" not in err

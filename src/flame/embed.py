@@ -36,7 +36,7 @@ from flame import distributed
 from flame.data.captions import CaptionTable, ShardError, base_plus_ext, read_shard_captions
 from flame.data.shards import expand_shards, shard_name
 from flame.errors import FlameError
-from flame.prompts import PromptSet, clean_caption, load_prompt_set
+from flame.prompts import DEFAULT_MAX_CAPTION_TOKENS, PromptSet, clean_caption, load_prompt_set
 from flame.store import DISK_FULL, DTYPES, EmbeddingStore, NonFiniteShard
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,7 @@ def _load_encoders(args, cfg: Config, device: str):
             positions=args.positions,
             batch_tokens=args.batch_tokens,
             max_batch=args.max_batch,
+            max_caption_tokens=args.max_caption_tokens,
         )
         for s in cfg.sources
     ]
@@ -313,6 +314,9 @@ def _manifest(args, cfg: Config, encoders, fingerprint: str) -> dict:
         "llm": {"spec": str(args.llm), "fingerprint": fingerprint},
         "layer": encoders[0].layer,
         "positions": args.positions,
+        # recorded only when not the default, so stores made before the cap existed still resume
+        **({"max_caption_tokens": args.max_caption_tokens}
+           if args.max_caption_tokens != DEFAULT_MAX_CAPTION_TOKENS else {}),
         "prompt_sets": sets,
         "facets": [f"{s.prompts.name}/{i}" for s in cfg.sources for i in range(s.prompts.k)],
         "k": sum(e.k for e in encoders),
@@ -786,6 +790,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-tokens", type=int, default=None, help="padded tokens per forward batch (default: 4096 CPU, 65536 GPU)"
     )
     g.add_argument("--max-batch", type=int, default=64, help="sequences per forward batch at most (default 64)")
+    g.add_argument(
+        "--max-caption-tokens",
+        type=int,
+        default=DEFAULT_MAX_CAPTION_TOKENS,
+        metavar="N",
+        help=f"longer captions are cut to N tokens and counted as truncated (default {DEFAULT_MAX_CAPTION_TOKENS})",
+    )
     g.add_argument(
         "--chunk",
         type=int,

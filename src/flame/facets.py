@@ -11,7 +11,8 @@ after the chosen decoder block(s) (before the final norm).
 Tokens are those of one string: the release tokenizes `prefix(caption) [sep ]F1 F2 ... FK` (single
 spaces) at once, so the facet ids here are cut out of one tokenization of the text after the caption,
 and the prefix of every caption is checked to end on a token boundary. Text inside a caption never
-becomes a control token (special-token strings there are plain text).
+becomes a control token (special-token strings there are plain text), and captions are capped at
+`max_caption_tokens` so one huge caption cannot allocate a context-sized attention mask.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from flame.errors import FlameError
-from flame.prompts import PromptSet, clean_caption, load_prompt_set
+from flame.prompts import DEFAULT_MAX_CAPTION_TOKENS, PromptSet, clean_caption, load_prompt_set
 
 log = logging.getLogger(__name__)
 POSITIONS = ("restart", "continue")
+# A caption is first cut to this many characters per allowed token: no token is this long, so the cut
+# only bounds the tokenizer's work on a pathological caption (a 200k-character one costs ~16k characters).
+CHARS_PER_TOKEN = 32
 _PROBE = "a photo of a dog."  # any caption: the token-boundary check at construction uses it
 
 
@@ -73,7 +77,10 @@ def resolve_layers(layer: int | Sequence[int], n_layers: int) -> list[int]:
 
 
 class FacetEncoder:
-    """Captions -> [N, K, D] facet embeddings of a frozen LLM (see the module docstring)."""
+    """Captions -> [N, K, D] facet embeddings of a frozen LLM (see the module docstring).
+
+    `max_caption_tokens` caps the caption's own share of a sequence (None: only the model's context
+    limits it); shortened captions are counted in `truncated`."""
 
     def __init__(
         self,
@@ -85,9 +92,14 @@ class FacetEncoder:
         batch_tokens: int | None = None,
         max_batch: int = 64,
         max_length: int | None = None,
+        max_caption_tokens: int | None = DEFAULT_MAX_CAPTION_TOKENS,
     ):
         if positions not in POSITIONS:
             raise FlameError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+        if max_caption_tokens is not None and (isinstance(max_caption_tokens, bool) or max_caption_tokens < 1):
+            raise FlameError(
+                f"max_caption_tokens (--max-caption-tokens) must be 1 or more tokens, not {max_caption_tokens!r}"
+            )
         self.model, self.tokenizer = model, tokenizer
         self.prompts = load_prompt_set(prompts)
         self.positions = positions
@@ -98,7 +110,8 @@ class FacetEncoder:
         self.batch_tokens = batch_tokens or (65536 if on_gpu else 4096)
         self.max_batch = max_batch
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
-        self.truncated = 0  # captions whose text was shortened to fit the context, over the encoder's life
+        self.max_caption_tokens = max_caption_tokens
+        self.truncated = 0  # captions shortened by the caption cap or the context, over the encoder's life
         self.tokens = 0  # non-padding tokens run through the model, for throughput figures
         self._blocks = decoder_layers(model)
         before, after = self.prompts.split_prefix()
@@ -107,6 +120,7 @@ class FacetEncoder:
         self._before, self._after = before, after.rstrip()
         self._lead = after[len(self._after) :]
         self._facet_ids = self._cut_facets()
+        self._template = len(self._text_ids(self._before + self._after))  # prefix tokens of an empty caption
         self._check_boundary()
 
     @property
@@ -174,15 +188,21 @@ class FacetEncoder:
         return self._facet_ids
 
     def _prefix(self, caption: str) -> tuple[list[int], bool]:
-        """Prefix ids for one caption, shortening only the caption when the sequence would
-        not fit the model's context. Returns (ids, truncated)."""
+        """Prefix ids for one caption, shortening only the caption when it is over `max_caption_tokens`
+        or the sequence would not fit the model's context. Returns (ids, truncated)."""
         facets = self._facet_ids
         room = self.max_length - (
             sum(map(len, facets)) if self.positions == "continue" else max(map(len, facets))
         )
+        cut = False
+        if self.max_caption_tokens is not None:
+            room = min(room, self._template + self.max_caption_tokens)
+            chars = self.max_caption_tokens * CHARS_PER_TOKEN
+            if len(caption) > chars:
+                caption, cut = caption[:chars], True
         ids = self._text_ids(self._before + caption + self._after)
         if len(ids) <= room:
-            return ids, False
+            return ids, cut
         enc = self.tokenizer(
             caption, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
         )
@@ -332,6 +352,11 @@ class FacetEncoder:
                     n_caps = len(batch) if packed else len(batch) / self.k
                     progress(n_caps, sum(items[i].length for i in batch))
             if self.truncated > before:
-                log.warning("%d caption(s) truncated to fit %d tokens", self.truncated - before, self.max_length)
+                log.warning(
+                    "%d caption(s) shortened to the caption cap (%s tokens) or the context (%d tokens)",
+                    self.truncated - before,
+                    self.max_caption_tokens,
+                    self.max_length,
+                )
         index = {c: i for i, c in enumerate(unique)}
         return out[[index[c] for c in cleaned]] if len(unique) != len(cleaned) else out

@@ -15,6 +15,10 @@ import yaml
 
 from flame.errors import FlameError
 
+# Caption tokens one sequence may hold (FacetEncoder's max_caption_tokens, `flame embed --max-caption-tokens`):
+# a recaption runs to ~150-300 tokens; a web page pasted into a caption field must not size the attention mask.
+DEFAULT_MAX_CAPTION_TOKENS = 512
+
 _SHORT_PREFIX = 'Image description : "{cap}" . After thinking step by step , '
 _LONG_PREFIX = 'Detailed Image description : "{cap}" . After thinking step by step , '
 _ONE_WORD = ' means in just one word:"'
