@@ -14,6 +14,17 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from flame.errors import FlameError
+
+# a CPU (gloo) group for control messages (error checks) when the main backend is nccl, so that
+# checking for an error never waits on the GPU queue; None = the default group
+_control = None
+
+
+class AgreedError(FlameError):
+    """An error every rank raised at the same collective point: rank 0 reports it, the others
+    exit quietly (see `check_errors`)."""
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -45,8 +56,6 @@ def resolve_device(device: str = "auto") -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            from flame.errors import FlameError
-
             raise FlameError("--device cuda requested but no CUDA device is available")
         if device == "cuda":
             device = f"cuda:{local_rank() % torch.cuda.device_count()}"
@@ -63,12 +72,17 @@ def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        if backend != "gloo":
+            global _control
+            _control = dist.new_group(backend="gloo", timeout=timeout)
     return dev
 
 
 def shutdown() -> None:
+    global _control
     if is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def barrier() -> None:
@@ -101,6 +115,38 @@ def all_reduce_sum_int(values: list[int], device: torch.device) -> list[int]:
     t = torch.tensor(values, dtype=torch.long, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+def first_error(error: str | None) -> str | None:
+    """A collective (every rank calls it at the same point): each rank passes its own error
+    message or None; every rank gets the first one in rank order ("rank R: ..." for R > 0), or
+    None when no rank failed. Costs one tiny CPU all-reduce when nobody failed."""
+    if world_size() == 1:
+        return error
+    flag = torch.tensor([1 if error else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_control)
+    if not flag.item():
+        return None
+    errors: list = [None] * world_size()
+    dist.all_gather_object(errors, error, group=_control)
+    r, msg = next((r, e) for r, e in enumerate(errors) if e)
+    return msg if r == 0 else f"rank {r}: {msg}"
+
+
+def check_errors(error: str | None) -> None:
+    """`first_error`, raised on every rank as an AgreedError, so that a user error on one rank
+    stops all of them at once instead of leaving the others waiting in a collective."""
+    first = first_error(error)
+    if first:
+        raise AgreedError(first)
 
 
 def broadcast_object(obj):
