@@ -289,3 +289,42 @@ def test_encode_text_accepts_one_string_and_rejects_non_strings(text, tmp_path):
     with pytest.raises(FlameError):
         enc.encode([b"bytes"])
     assert enc.encode([]).shape == (0, 32)
+
+
+def _vector_of(caption: str) -> np.ndarray:
+    seed = int.from_bytes(caption.encode()[-4:].rjust(4, b"\0"), "little")
+    return np.random.default_rng(seed).standard_normal(16).astype(np.float32)
+
+
+def _writer_process(folder: str, start: int) -> None:
+    import flame.textenc as te
+
+    te.COMPACT_AT = 3  # compact often, while the other process reads and writes
+    space = te._Space(Path(folder), {"test": 1})
+    for i in range(start, start + 30):
+        caps = [f"caption {(i + j) % 45:04d}" for j in range(4)]  # overlaps the other writer's captions
+        missing = space.missing(caps)
+        if missing:
+            space.add(missing, np.stack([_vector_of(c) for c in missing]))
+        assert np.array_equal(space.get(caps), np.stack([_vector_of(c) for c in caps]).astype(np.float16)
+                              .astype(np.float32))
+
+
+def test_two_processes_share_one_cache_while_compacting(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer_process, args=(str(tmp_path / "space"), s)) for s in (0, 15)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    from flame.textenc import _Space
+
+    reader = _Space(tmp_path / "space", {})
+    caps = [f"caption {i:04d}" for i in range(45)]
+    assert reader.missing(caps) == []
+    want = np.stack([_vector_of(c) for c in caps]).astype(np.float16).astype(np.float32)
+    assert np.array_equal(reader.get(caps), want)
+    assert not list((tmp_path / "space").glob("*.tmp"))

@@ -127,7 +127,10 @@ class _Space:
         """Write one chunk (atomically: array first, keys last) and index it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / "space.json").is_file():
-            write_atomic(self.folder / "space.json", json.dumps(self.description, indent=2, ensure_ascii=False) + "\n")
+            try:
+                write_atomic(self.folder / "space.json", json.dumps(self.description, indent=2, ensure_ascii=False))
+            except FileNotFoundError:  # another process wrote it at the same moment (same temporary name)
+                pass
         name = f"chunk-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._write(name, captions, vectors)
         self.seen[name] = len(captions)
@@ -154,7 +157,10 @@ class _Space:
         captions = [c for c, (n, _) in self.index.items() if n in small]
         if len(small) < 2 or not captions:
             return
-        vectors = self.get(captions)
+        try:
+            vectors = self.get(captions)
+        except (FileNotFoundError, KeyError):  # another process is compacting the same chunks
+            return
         name = f"merged-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._write(name, captions, vectors)
         for o in small:
