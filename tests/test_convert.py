@@ -201,6 +201,9 @@ def test_not_a_release_checkpoint(tmp_path, capsys):
     assert code == 2
     line = _one_line(err)
     assert "neither a FLAME release checkpoint" in line and "encoder.layer.0.weight" in line
+    torch.save({"model": {"w": 1}, "epoch": 3}, tmp_path / "nested.pt")
+    code, _, err = _convert(capsys, tmp_path / "nested.pt", "--out", tmp_path / "o")
+    assert code == 2 and "no tensors (top-level keys: model, epoch)" in _one_line(err)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all" * 10)
     code, _, err = _convert(capsys, tmp_path / "junk.pt", "--out", tmp_path / "o")
     assert code == 2 and "cannot read" in _one_line(err)

@@ -198,11 +198,12 @@ def read_release_state(path: str | Path) -> dict:
     if any(k.startswith(("visual.trunk.", "visual.projector.")) for k in keys):
         raise FlameError(f"{path} is already a FLAME model state (visual.trunk.*): nothing to convert")
     if "visual.conv1.weight" not in state or "mm.0.weight" not in state:
-        what = (
-            "an open_clip image tower without the FLAME `mm` projector (a plain CLIP checkpoint?)"
-            if "visual.conv1.weight" in state
-            else _describe(keys)
-        )
+        if "visual.conv1.weight" in state:
+            what = "an open_clip image tower without the FLAME `mm` projector (a plain CLIP checkpoint?)"
+        elif keys:
+            what = _describe(keys)
+        else:
+            what = "no tensors (top-level keys: " + (", ".join(map(str, list(obj)[:6])) or "none") + ")"
         raise FlameError(
             f"{path} is neither a FLAME release checkpoint (visual.conv1.weight + mm.0.weight) "
             f"nor a FLAME model: found {what}"
