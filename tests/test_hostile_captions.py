@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_release_text import bos_tokenizer
 
 from flame.facets import FacetEncoder
 from flame.llm import load_llm
+from flame.prompts import FACETS, PROMPT_SETS
 
 MODES = [("raw", "restart"), ("long", "restart"), ("short", "continue"), ("long", "continue")]
 
@@ -168,3 +171,63 @@ def test_flame_embed_max_caption_tokens(tmp_path, tiny_llm_dir, tiny, capsys):
     assert code == 0 and "max_caption_tokens" not in json.loads((tmp_path / "b" / "manifest.json").read_text())
     code, _, err = embed(tmp_path / "c", "--max-caption-tokens", "0")
     assert code == 2 and "max_caption_tokens" in err and "Traceback" not in err
+
+
+# ---- property-based: arbitrary captions ----------------------------------------------------------
+FRAGMENTS = [
+    ':"', '"', "'", "?", ".", ",", " ", "\n", "\t", "\r\n", "\x00", "\x1b[2J", "\u200b", "\ufeff", "\u202e",
+    "\ud800", "\udfff", "🐕", "東京", "é", "e\u0301", "<s>", "</s>", "<|im_end|>", "<|endoftext|>", "<|pad|>",
+    "<|im_start|>", "[INST]", ' . After thinking step by step , ', 'Image description : "',
+    *FACETS, *(p.prefix for p in PROMPT_SETS.values()),
+]
+pieces = st.one_of(
+    st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=20),
+    st.sampled_from(FRAGMENTS),
+)
+captions = st.one_of(
+    st.lists(pieces, max_size=8).map("".join),
+    st.builds(lambda piece, n: piece * n, st.sampled_from(FRAGMENTS[:20] + ["word ", "a dog "]), st.integers(1, 4000)),
+)
+PROPERTY_MODES = MODES + [("raw", "continue")]
+
+
+@pytest.fixture(scope="module")
+def property_encoders(tiny, tiny_bos):
+    out = []
+    for model, tok in (tiny, tiny_bos):
+        special = special_ids(tok)
+        for set_name, positions in PROPERTY_MODES:
+            enc = FacetEncoder(model, tok, prompts=set_name, positions=positions, max_caption_tokens=48)
+            facets = [i for f in enc._facets() for i in f]
+            ids, reads = enc.layout("")
+            prefix = len(ids) - len(facets)
+            fixed = {
+                "facets": facets,
+                "offsets": [r - prefix for r in reads],
+                "template": len(ids),
+                "bos": [i for i in ids[:prefix] if i in special],
+                "special": special,
+            }
+            out.append((enc, fixed))
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cap=captions)
+def test_a_caption_never_moves_the_facets(property_encoders, cap):
+    for enc, fixed in property_encoders:
+        ids, reads = enc.layout(cap)
+        prefix = len(ids) - len(fixed["facets"])
+        assert ids[prefix:] == fixed["facets"]  # the same facet tokens after every caption
+        assert reads == [prefix + o for o in fixed["offsets"]]  # read where the facets end, K of them
+        assert len(ids) <= fixed["template"] + enc.max_caption_tokens
+        assert [i for i in ids[:prefix] if i in fixed["special"]] == fixed["bos"]  # no control token from text
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(caps=st.lists(captions, min_size=1, max_size=4))
+def test_hostile_captions_encode_to_finite_vectors(property_encoders, caps):
+    for enc, _ in property_encoders[:: len(PROPERTY_MODES) - 1]:  # a few modes of both tokenizers
+        emb = enc.encode(caps)
+        assert emb.shape == (len(caps), enc.k, enc.dim)
+        assert torch.isfinite(emb).all()
