@@ -238,6 +238,10 @@ def test_tower_that_does_not_match_the_config(tmp_path, capsys, release):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     code, _, err = _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "o", "--config", tmp_path / "bad.json")
     assert code == 2 and "no_ln_pre" in _one_line(err)
+    del bad["vision_cfg"]["no_ln_pre"], bad["vision_cfg"]["pool_type"]  # open_clip's default: class-token pooling
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    code, _, err = _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "o", "--config", tmp_path / "bad.json")
+    assert code == 2 and "pool_type" in _one_line(err)
 
 
 class _Evil:

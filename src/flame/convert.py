@@ -107,10 +107,12 @@ _GEOMETRY_KEYS = ("image_size", "layers", "width", "patch_size", "head_width", "
 def config_from_release_json(data: dict, name: str) -> ReleaseConfig:
     """A release `model_configs/*.json` document -> ReleaseConfig; options this project's
     tower does not reproduce are refused."""
-    try:
-        vision, mm, text = data["vision_cfg"], data["mm_cfg"], data.get("text_cfg", {})
-    except (KeyError, TypeError):
-        raise FlameError(f"config {name}: expected the release's format with vision_cfg and mm_cfg") from None
+    vision, mm, text = (data.get(k) if isinstance(data, dict) else None for k in ("vision_cfg", "mm_cfg", "text_cfg"))
+    if not isinstance(vision, dict) or not isinstance(mm, dict) or not isinstance(text or {}, dict):
+        raise FlameError(f"config {name}: expected the release's format with vision_cfg and mm_cfg objects")
+    text = text or {}
+    if vision.get("pool_type", "tok") != "avg":  # open_clip's default pools the class token
+        raise FlameError(f"config {name}: vision_cfg.pool_type must be \"avg\" (FLAME pools the patch tokens)")
     for key, value in vision.items():
         if key in _GEOMETRY_KEYS:
             continue
