@@ -17,9 +17,11 @@ from flame.errors import FlameError
 COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("flame.embed", "captions (webdataset shards, caption tables) -> facet embedding store"),
     "train": ("flame.train", "image shards + embedding store -> run folder with checkpoints"),
+    "eval": ("flame.evaluate.cli", "zero-shot classification, retrieval, linear probe (CLIP_benchmark metrics)"),
     "bench": ("flame.benchmarks", "performance figures (facets, store, train); --json FILE saves them"),
     "convert": ("flame.convert", "the FLAME release's open_clip checkpoint -> a FlameModel folder"),
     "search": ("flame.search", "index a photo folder with a trained model, query it with text, HTML contact sheet"),
+    "demo": ("flame.demo", "generated scenes -> embed -> train -> eval, FLAME beside a CLIP baseline, with a report"),
 }
 
 

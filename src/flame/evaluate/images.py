@@ -1,0 +1,180 @@
+"""Image vectors of an evaluation split: decoded and preprocessed in DataLoader workers with the
+model's evaluation transform, encoded in batches, cached on disk.
+
+An image that cannot be read or decoded is skipped and counted (`ok` is False for it), never
+fatal. The cache (`$FLAME_CACHE/images/KEY.pt`) is keyed by the model's weight fingerprint, the
+dataset (resolved path, the images it lists, every file's size and mtime), the split, what is
+computed (`embed` = L2-normalised image embeddings, `features` = pooled tower features) and the
+preprocessing (size, mean, std): a changed model, dataset or transform never reads stale vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flame.evaluate.datasets import IMAGE_EXTS, EvalDataset, Item
+from flame.fileio import write_atomic
+
+log = logging.getLogger("flame.evaluate")
+
+KINDS = ("embed", "features")
+
+
+def default_cache_dir() -> Path:
+    from flame.llm import cache_dir
+
+    return cache_dir() / "images"
+
+
+def _decode(data: bytes | str, transform: Callable, size: int) -> tuple[torch.Tensor, bool]:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(data if isinstance(data, str) else io.BytesIO(data))
+            img.load()
+        return transform(img), True
+    except Exception:
+        return torch.zeros(3, size, size), False
+
+
+class FileImages(torch.utils.data.Dataset):
+    def __init__(self, items: list[Item], transform: Callable, size: int):
+        self.files = [it.file for it in items]
+        self.transform, self.size = transform, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        image, ok = _decode(self.files[i], self.transform, self.size)
+        return i, image, ok
+
+
+class TarImages(torch.utils.data.IterableDataset):
+    """The images of webdataset shards; DataLoader worker w reads shards w, w+W, ..."""
+
+    def __init__(self, items: list[Item], transform: Callable, size: int):
+        super().__init__()
+        self.index = {(it.shard, it.key): i for i, it in enumerate(items)}
+        self.shards = list(dict.fromkeys(it.shard for it in items))
+        self.transform, self.size = transform, size
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shards[w::n]:
+            done = set()
+            try:
+                with tarfile.open(shard, "r:*") as tf:
+                    for m in tf:
+                        base = m.name.rsplit("/", 1)[-1]
+                        key, _, ext = base.partition(".")
+                        i = self.index.get((shard, m.name[: len(m.name) - len(base)] + key))
+                        if not m.isfile() or ext.lower() not in IMAGE_EXTS or i is None or i in done:
+                            continue
+                        done.add(i)
+                        image, ok = _decode(tf.extractfile(m).read(), self.transform, self.size)
+                        yield i, image, ok
+            except (tarfile.TarError, OSError) as e:
+                log.warning("cannot read %s: %s (its remaining images are counted as unreadable)", shard, e)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+@dataclass
+class SplitVectors:
+    vectors: torch.Tensor  # float32 [N, D]; rows of unreadable images are zero
+    ok: torch.Tensor  # bool [N]
+
+    @property
+    def skipped(self) -> int:
+        return int((~self.ok).sum())
+
+
+def cache_key(model, ds: EvalDataset, split: str, kind: str) -> str:
+    items = ds.items(split)
+    refs = hashlib.sha256("\n".join(f"{it.file or it.shard}#{it.key or ''}" for it in items).encode()).hexdigest()
+    desc = {
+        "model": model.fingerprint,
+        "dataset": str(Path(ds.path).resolve()),
+        "split": split,
+        "kind": kind,
+        "items": refs,
+        "files": ds.stamp(),
+        "preprocess": [model.image_size, list(model.mean), list(model.std)],
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def split_vectors(
+    model,
+    ds: EvalDataset,
+    split: str = "test",
+    kind: str = "embed",
+    batch_size: int = 64,
+    workers: int = 2,
+    cache_dir: str | Path | None | bool = None,
+    progress: bool = True,
+) -> SplitVectors:
+    """Vectors of every image of `split` (`kind`: "embed" or "features"). `cache_dir=False`
+    disables the disk cache (training-time evaluation: the weights change every time)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    items = ds.items(split)
+    path = None
+    if cache_dir is not False:
+        folder = Path(cache_dir) if cache_dir else default_cache_dir()
+        path = folder / f"{cache_key(model, ds, split, kind)}.pt"
+        if path.is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                return SplitVectors(saved["vectors"], saved["ok"])
+            except Exception as e:  # a damaged cache entry is recomputed, never fatal
+                log.warning("ignoring unreadable image cache %s: %s", path, e)
+    size = model.image_size
+    transform = model.transform()
+    data = (TarImages if ds.format == "wds" else FileImages)(items, transform, size)
+    kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": 4} if workers > 0 else {}
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, **kwargs)
+    encode = model.encode_image if kind == "embed" else model.image_features
+    vectors: torch.Tensor | None = None
+    ok = torch.zeros(len(items), dtype=torch.bool)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), unit="img", desc=f"{ds.name} {split} images", dynamic_ncols=True, disable=None)
+    for idx, images, good in loader:
+        out = encode(images.to(model.device)).float().cpu()
+        if vectors is None:
+            vectors = torch.zeros(len(items), out.shape[1])
+        vectors[idx] = out
+        ok[idx] = good
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    if vectors is None:
+        vectors = torch.zeros(len(items), 0)
+    vectors[~ok] = 0
+    if path is not None:
+        buf = io.BytesIO()
+        torch.save({"vectors": vectors, "ok": ok}, buf)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buf.getvalue())
+    return SplitVectors(vectors, ok)

@@ -1,0 +1,232 @@
+"""The three evaluation tasks and the suite file.
+
+`evaluate(model, ds, task)` returns CLIP_benchmark's result shape:
+``{"dataset", "model", "task", "language", "metrics", ...}`` with `task` spelled as CLIP_benchmark
+spells it (`zeroshot_classification`, `zeroshot_retrieval`, `linear_probe`) plus what we used
+(`prompts`, `images`, `skipped_images`).
+
+Texts go through `text.encode(texts, prompts)` (default: the model's `TextEncoder`, which caches
+every vector on disk); images through `images.split_vectors` (cached per model and dataset).
+
+Prompt sets (FLAME.md section 6), when not chosen: class prompts -> "raw"; captions -> "long" when
+they are long (mean length >= LONG_WORDS words), in English, and the model was trained with a
+"long" set; otherwise "raw".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from flame.errors import FlameError
+from flame.evaluate import metrics as M
+from flame.evaluate.datasets import EvalDataset, load_dataset
+from flame.evaluate.images import split_vectors
+
+log = logging.getLogger("flame.evaluate")
+
+TASKS = {  # accepted spellings -> CLIP_benchmark's name
+    "zeroshot-classification": "zeroshot_classification",
+    "zeroshot_classification": "zeroshot_classification",
+    "classification": "zeroshot_classification",
+    "retrieval": "zeroshot_retrieval",
+    "zeroshot-retrieval": "zeroshot_retrieval",
+    "zeroshot_retrieval": "zeroshot_retrieval",
+    "linear-probe": "linear_probe",
+    "linear_probe": "linear_probe",
+}
+LONG_WORDS = 8  # mean caption length (words) from which a caption set counts as long text
+CARVE_TEST = 0.5  # share of a single-split dataset kept for testing a linear probe
+
+
+def canonical_task(task: str) -> str:
+    if task not in TASKS:
+        raise FlameError(f"unknown task {task!r}: zeroshot-classification, retrieval or linear-probe")
+    return TASKS[task]
+
+
+def default_task(ds: EvalDataset) -> str:
+    return "zeroshot_retrieval" if ds.kind == "retrieval" else "zeroshot_classification"
+
+
+def trained_sets(text: dict) -> set[str]:
+    return {d.get("name") for d in text.get("prompt_sets") or [] if isinstance(d, dict)} | {
+        f.split("/")[0] for f in text.get("facets") or []
+    }
+
+
+def default_prompts(task: str, ds: EvalDataset, text: dict) -> str:
+    if task != "zeroshot_retrieval":
+        return "raw"
+    caps = [c for it in ds.items("test") for c in it.captions]
+    mean_words = sum(len(c.split()) for c in caps) / max(1, len(caps))
+    english = (ds.language or "en") == "en"
+    return "long" if mean_words >= LONG_WORDS and english and "long" in trained_sets(text) else "raw"
+
+
+def class_prompts(ds: EvalDataset) -> list[str]:
+    """Every class under every template, class-major ([c0 t0, c0 t1, ..., c1 t0, ...])."""
+    if ds.template_error:
+        raise FlameError(ds.template_error)
+    return [t.replace("{c}", c) for c in ds.classnames for t in ds.templates]
+
+
+def texts_needed(ds: EvalDataset, task: str) -> list[str]:
+    """The texts a task encodes (what `--prepare` caches)."""
+    if task == "zeroshot_classification":
+        return class_prompts(ds)
+    if task == "zeroshot_retrieval":
+        return [c for it in ds.items("test") for c in it.captions]
+    return []
+
+
+def _model_name(model) -> str:
+    return str(getattr(model, "source", None) or "in-memory")
+
+
+def evaluate(
+    model,
+    ds: EvalDataset,
+    task: str | None = None,
+    prompts: str | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    cache_dir: str | Path | None | bool = None,
+    progress: bool = True,
+    text=None,
+) -> dict:
+    """Run one task on one dataset. `text`: anything with encode(texts, prompts) (default the
+    model's TextEncoder); `cache_dir=False` turns the image-vector cache off."""
+    task = canonical_task(task) if task else default_task(ds)
+    if task == "zeroshot_retrieval" and ds.kind != "retrieval":
+        raise FlameError(f"{ds.path} is a classification set; use zeroshot-classification or linear-probe")
+    if task != "zeroshot_retrieval" and ds.kind != "classification":
+        raise FlameError(f"{ds.path} is a caption set; use retrieval")
+    text = text if text is not None else model.text_encoder
+    prompts = prompts or default_prompts(task, ds, getattr(model, "text", {}) or {})
+    img = dict(batch_size=batch_size, workers=workers, cache_dir=cache_dir, progress=progress)
+    result = {"dataset": ds.name, "model": _model_name(model), "task": task, "language": ds.language or "en"}
+    if task == "zeroshot_classification":
+        # texts first: class-name, template and LLM errors come before any image is decoded
+        emb = text.encode(class_prompts(ds), prompts=prompts, progress=progress)
+        vec = split_vectors(model, ds, "test", "embed", **img)
+        classes = M.class_vectors(emb.view(len(ds.classnames), len(ds.templates), -1))
+        labels = torch.tensor([it.label for it in ds.items("test")])
+        metrics = M.classification_metrics(M.zeroshot_logits(vec.vectors[vec.ok], classes), labels[vec.ok])
+        result.update(prompts=prompts, templates=len(ds.templates), classes=len(ds.classnames))
+    elif task == "zeroshot_retrieval":
+        items = ds.items("test")
+        emb = text.encode([c for it in items for c in it.captions], prompts=prompts, progress=progress)
+        vec = split_vectors(model, ds, "test", "embed", **img)
+        # an unreadable image leaves the evaluation with its captions
+        rows = torch.tensor([bool(vec.ok[i]) for i, it in enumerate(items) for _ in it.captions], dtype=torch.bool)
+        keep = [i for i in range(len(items)) if vec.ok[i]]
+        owner = [j for j, i in enumerate(keep) for _ in items[i].captions]
+        metrics = M.retrieval_metrics(vec.vectors[keep], emb[rows], owner)
+        result.update(prompts=prompts, captions=len(owner))
+    else:
+        metrics, vec, split = _linear_probe(model, ds, img)
+        result.update(split=split)
+    result["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    result.update(images=int(vec.ok.numel()), skipped_images=vec.skipped)
+    if vec.skipped:
+        log.warning("%s: %d unreadable image(s) skipped", ds.name, vec.skipped)
+    return result
+
+
+def _linear_probe(model, ds: EvalDataset, img: dict):
+    test = split_vectors(model, ds, "test", "features", **img)
+    y_test = torch.tensor([it.label for it in ds.items("test")])
+    if "train" in ds.splits:
+        train = split_vectors(model, ds, "train", "features", **img)
+        y_train = torch.tensor([it.label for it in ds.items("train")])
+        xtr, ytr = train.vectors[train.ok], y_train[train.ok]
+        xte, yte = test.vectors[test.ok], y_test[test.ok]
+        split, vec = "train/test", _joined(train, test)
+    else:  # one split: a seeded stratified half is the probe's training set
+        x, y = test.vectors[test.ok], y_test[test.ok]
+        tr, te = M.stratified_split(y, CARVE_TEST, seed=0)
+        xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+        split, vec = f"carved {1 - CARVE_TEST:.0%}/{CARVE_TEST:.0%} from test", test
+    if len(yte) == 0 or len(torch.unique(ytr)) < 2:
+        raise FlameError(f"{ds.name}: too few readable images for a linear probe")
+    return M.linear_probe(xtr, ytr, xte, yte), vec, split
+
+
+def _joined(a, b):
+    from flame.evaluate.images import SplitVectors
+
+    return SplitVectors(torch.cat([a.vectors, b.vectors]), torch.cat([a.ok, b.ok]))
+
+
+# ------------------------------------------------------------------------------------------------
+# suites
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class SuiteEntry:
+    dataset: str
+    task: str | None = None
+    language: str | None = None
+    prompts: str | None = None
+    name: str | None = None  # label in results / logs (default: the dataset's name)
+    dataset_name: str | None = None  # CLIP_benchmark's name for the multilingual class-name lookup
+    templates: str | None = None
+
+    def load(self) -> EvalDataset:
+        return load_dataset(self.dataset, self.task, self.language, self.dataset_name, self.templates)
+
+    def label(self, ds: EvalDataset) -> str:
+        if self.name:
+            return self.name
+        lang = f"-{ds.language}" if self.language else ""
+        return f"{ds.name}{lang}"
+
+
+class Suite:
+    """A YAML list of {dataset, task?, language?, prompts?, name?, dataset_name?, templates?};
+    relative dataset paths are read from the suite file's folder."""
+
+    def __init__(self, entries: Sequence[SuiteEntry]):
+        self.entries = list(entries)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Suite:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FlameError(f"suite file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise FlameError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if isinstance(raw, dict) and "datasets" in raw:
+            raw = raw["datasets"]
+        if not isinstance(raw, list) or not raw:
+            raise FlameError(f"{path} must hold a list of {{dataset, task, language?, prompts?, name?}}")
+        keys = set(SuiteEntry.__dataclass_fields__)
+        entries = []
+        for n, e in enumerate(raw, 1):
+            if isinstance(e, str):
+                e = {"dataset": e}
+            if not isinstance(e, dict) or "dataset" not in e:
+                raise FlameError(f"{path}: entry {n} needs a 'dataset'")
+            unknown = set(e) - keys
+            if unknown:
+                raise FlameError(f"{path}: entry {n} has unknown key {sorted(unknown)[0]!r} "
+                                 f"(known: {', '.join(sorted(keys))})")
+            e = {k: (str(v) if v is not None else None) for k, v in e.items()}
+            if not Path(e["dataset"]).expanduser().is_absolute():
+                e["dataset"] = str(path.parent / e["dataset"])
+            if e.get("task"):
+                canonical_task(e["task"])
+            entries.append(SuiteEntry(**e))
+        return cls(entries)
+
+    def to_list(self) -> list[dict]:
+        return [asdict(e) for e in self.entries]
