@@ -207,6 +207,8 @@ def test_store_with_the_old_fingerprint_is_resumed(tmp_path, corpus, tiny_llm_di
     manifest["llm"]["fingerprint"] = flame_llm.legacy_llm_fingerprint(load_llm(str(tiny_llm_dir), device="cpu")[0])
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     before = (out / "manifest.json").read_bytes()
+    code, stdout, err = _embed(capsys, "--data", root / "shards", *base, "--dry-run")
+    assert code == 0 and "1 of 3 shards complete (would be skipped)" in stdout, err
     code, stdout, err = _embed(capsys, "--data", root / "shards", *base)
     assert code == 0 and "shards 2 done / 1 skipped" in stdout, err
     assert (out / "manifest.json").read_bytes() == before

@@ -635,8 +635,12 @@ def _dry_run(args, cfg: Config) -> int:
             unique[i] += len(u)
             sample_caps[i].extend(u[: 32 - len(sample_caps[i])])
     device = str(distributed.resolve_device(args.device))
-    _, encoders, fingerprint = _load_encoders(args, cfg, device)
-    manifest = _manifest(args, cfg, encoders, fingerprint)
+    model, encoders, fingerprint = _load_encoders(args, cfg, device)
+    from flame.llm import legacy_llm_fingerprint
+
+    manifest = _accept_legacy_fingerprint(
+        _manifest(args, cfg, encoders, fingerprint), cfg.out, legacy_llm_fingerprint(model)
+    )
     k, dim = manifest["k"], manifest["dim"]
     per_row = k * dim * np.dtype(DTYPES[args.dtype]).itemsize + (4 * k if args.dtype == "int8" else 0)
     size = rows * per_row + key_bytes + 128 * 2 * len(cfg.shards)
