@@ -18,7 +18,6 @@ is null): nothing can verify later that a local Mistral-Nemo is the one it used.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import pickle
 import re
@@ -36,8 +35,6 @@ from flame.data.shards import expand_shards, shard_name
 from flame.errors import FlameError
 from flame.prompts import PROMPT_SETS
 from flame.store import EmbeddingStore, NonFiniteShard
-
-log = logging.getLogger(__name__)
 
 RELEASE_LLM = "mistralai/Mistral-Nemo-Instruct-2407"
 RELEASE_LAYER = 39  # 1-based decoder block: the output of block 39 of 40
@@ -255,13 +252,16 @@ def run_import(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(desc=f"import {len(todo)} shards", unit="img", disable=None, dynamic_ncols=True)
-        for name, path in todo:
-            try:
-                _import_shard(store, name, path, finder, args, stats, bar)
-            except (ShardError, NonFiniteShard) as e:  # an unreadable tar, NaN/inf in the files: the rest goes on
-                stats.failed.append((name, str(e)))
-                bar.write(f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)", file=sys.stderr)
-        bar.close()
+        try:
+            for name, path in todo:
+                try:
+                    _import_shard(store, name, path, finder, args, stats, bar)
+                except (ShardError, NonFiniteShard) as e:  # an unreadable tar, NaN/inf in the files: the rest goes on
+                    stats.failed.append((name, str(e)))
+                    bar.write(f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)",
+                              file=sys.stderr)
+        finally:
+            bar.close()
     finally:
         lock.release()
     missing_hint = f", e.g. {stats.example_missing}" if stats.example_missing else ""
