@@ -138,6 +138,8 @@ def test_encode_image_pil_equals_preprocessed_tensor(run_dir):
     assert torch.allclose(from_pil.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert torch.allclose(model.encode_image(batch, batch_size=3), from_tensor, atol=1e-6)
     assert torch.allclose(model.encode_image(ims[1]), from_pil[1:2], atol=1e-6)  # one image
+    assert torch.allclose(model.encode_image(ims, batch_size=3), from_pil, atol=1e-6)  # PIL lists in batches
+    assert model.encode_image([]).shape == (0, 32) and model.image_features([]).shape == (0, 96)
     feats = model.image_features(ims)
     assert feats.shape == (4, model.visual.trunk.width)
     assert torch.allclose(feats, model.visual.features(batch), atol=1e-6)

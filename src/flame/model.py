@@ -149,38 +149,37 @@ class FlameModel(nn.Module):
         """One PIL image -> float32 [3, S, S], ready for encode_image."""
         return self.transform()(image)
 
-    def _batch(self, images) -> tuple[torch.Tensor, torch.device]:
-        """PIL images or a preprocessed [B,3,S,S] tensor -> (batch on the model's device, where
-        results go: the input tensor's device, or CPU for PIL images)."""
+    def _run(self, fn, images, batch_size: int, width: int) -> torch.Tensor:
+        """Apply `fn` to PIL images (preprocessed one batch at a time, so memory stays bounded)
+        or to a preprocessed [B,3,S,S] tensor, `batch_size` images per call on the model's
+        device. Results come back float32 on the input tensor's device (CPU for PIL images)."""
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise FlameError(f"expected preprocessed images [B, 3, S, S], got {list(images.shape)}")
-            return images.to(self.device, torch.float32), images.device
-        if not isinstance(images, Sequence):
-            images = [images]
-        transform = self.transform()
-        if not images:
-            return torch.empty(0, 3, self.image_size, self.image_size, device=self.device), torch.device("cpu")
-        return torch.stack([transform(im) for im in images]).to(self.device), torch.device("cpu")
+            out_device = images.device
+            batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+        else:
+            if not isinstance(images, Sequence):
+                images = [images]
+            out_device = torch.device("cpu")
+            transform = self.transform()
+            batches = (
+                torch.stack([transform(im) for im in images[i : i + batch_size]])
+                for i in range(0, len(images), batch_size)
+            )
+        parts = [fn(x.to(self.device, torch.float32)).float().to(out_device) for x in batches]
+        return torch.cat(parts) if parts else torch.empty(0, width, device=out_device)
 
     @torch.no_grad()
     def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
-        """PIL images (preprocessed here) or a preprocessed batch [B,3,S,S] -> L2-normalised
-        float32 [B, D]."""
-        x, out_device = self._batch(images)
-        parts = [self.visual(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
-        if not parts:
-            return torch.empty(0, self.tower_config.embed_dim)
-        return torch.cat(parts).to(out_device)
+        """PIL images (preprocessed here, see `preprocess`) or a preprocessed batch [B,3,S,S]
+        -> L2-normalised float32 [B, D]."""
+        return self._run(self.visual, images, batch_size, self.tower_config.embed_dim)
 
     @torch.no_grad()
     def image_features(self, images, batch_size: int = 256) -> torch.Tensor:
         """Pooled trunk features before the projector, float32 [B, width] (what linear probes use)."""
-        x, out_device = self._batch(images)
-        parts = [self.visual.features(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
-        if not parts:
-            return torch.empty(0, self.visual.trunk.width)
-        return torch.cat(parts).to(out_device)
+        return self._run(self.visual.features, images, batch_size, self.visual.trunk.width)
 
     @property
     def text_encoder(self):
