@@ -252,6 +252,10 @@ def test_a_run_that_stores_nothing_is_an_error(tmp_path, corpus, tiny_llm_dir, c
     wds.TarWriter(str(tmp_path / "e" / "empty.tar")).close()
     code, _, err = _embed(capsys, "--data", tmp_path / "e", "--llm", tiny_llm_dir, "--out", tmp_path / "st3")
     assert code == 2 and "no samples were stored" in _lines(err)[-1]
+    # ...but an empty tar added to a store that holds samples is fine
+    done = [root / "shards" / "data-0000.tar", root / "shards" / "data-0002.tar"]
+    code, stdout, err = _embed(capsys, "--data", *done, tmp_path / "e" / "empty.tar", *args[2:])
+    assert code == 0 and "0 samples, shards 1 done / 2 skipped / 0 failed" in stdout, err
 
 
 # ---- the GGUF conversion ----------------------------------------------------------------------

@@ -597,7 +597,7 @@ def _embed(args, cfg: Config, device: str) -> int:
             f"{len(total.failed)} shard{'s' if len(total.failed) > 1 else ''} failed: {names}; "
             "the other shards are complete, rerun the same command to retry (failed shards go last)"
         )
-    if total.done and not total.samples:
+    if total.done and not total.samples and len(EmbeddingStore(cfg.out)) == 0:  # a store with no sample at all
         raise FlameError(
             f"no samples were stored: the {total.done} shard{'s' if total.done > 1 else ''} done hold none "
             f"({total.missing:,} samples missing a caption, {total.empty:,} empty captions with --on-empty "
