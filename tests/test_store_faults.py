@@ -84,6 +84,32 @@ def test_every_file_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, 
         assert ("fsync", parent) in events[i + 1 : nxt + 1], f"folder not fsynced after renaming {Path(dst).name}"
 
 
+def test_folder_replace_fsyncs_every_file_and_folder_before_the_rename(tmp_path, monkeypatch):
+    """What checkpoints and the GGUF cache use: a finished temporary folder moved into place."""
+    from flame import fileio
+
+    tmp = tmp_path / "out.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    for rel in ("a.bin", "sub/b.json"):
+        (tmp / rel).write_bytes(b"x" * 10)
+    events: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b)))
+    fileio.replace(tmp, tmp_path / "out")
+    monkeypatch.undo()
+    i = events.index(("replace", str(tmp), str(tmp_path / "out")))
+    synced = {e[1] for e in events[:i]}
+    assert {str(tmp / "a.bin"), str(tmp / "sub" / "b.json"), str(tmp / "sub"), str(tmp)} <= synced
+    assert events[i + 1:] == [("fsync", str(tmp_path))]
+    assert (tmp_path / "out" / "sub" / "b.json").read_bytes() == b"x" * 10
+
+
 # ---- non-finite vectors -----------------------------------------------------------------------
 @pytest.mark.parametrize(
     "dtype, poison", [("fp16", "nan"), ("fp16", "inf"), ("fp16", "fp16-overflow"), ("int8", "nan"), ("int8", "inf")]
