@@ -242,3 +242,25 @@ def test_dead_rows_are_dropped_and_compacted_without_reencoding(photos, model_di
     rels, vecs, _ = load_index(photos / ".flame-index")
     assert rels == sorted([NASTY, "z.bmp"])
     assert all(np.array_equal(before[r], v) for r, v in zip(rels, vecs))
+
+
+def test_a_killed_index_run_keeps_its_committed_photos(photos, model_dir, monkeypatch, capsys):
+    import flame.search as search
+
+    monkeypatch.setattr(search, "COMMIT_EVERY", 2)
+    original = FlameModel.encode_image
+    calls = {"n": 0}
+
+    def dies_on_third_batch(self, images, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill mid-run leaves behind
+        return original(self, images, *a, **kw)
+
+    monkeypatch.setattr(FlameModel, "encode_image", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        search.build_index(photos, FlameModel.from_pretrained(model_dir), batch_size=1, workers=0, progress=False)
+    assert len(_files(photos)) == 2  # the first two photos were committed
+    monkeypatch.setattr(FlameModel, "encode_image", original)
+    code, out, _ = _index(photos, model_dir, capsys, "--workers", "0")
+    assert code == 0 and "5 photos: 2 encoded, 2 unchanged, 1 unreadable" in out

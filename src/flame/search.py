@@ -13,7 +13,8 @@ The index (default PHOTOS/.flame-index) is an embedding store (`flame.store`) wi
                                   last and atomically: it is the commit point of a run
 
 A rerun encodes only photos that are new or whose size or modification time changed, reuses
-every other vector, and forgets deleted photos. Shards left without live rows are removed and
+every other vector, and forgets deleted photos. Every COMMIT_EVERY photos a shard and files.json
+are committed, so a killed run resumes from there. Shards left without live rows are removed and
 mostly-dead shards are compacted. Unreadable photos are skipped and counted.
 """
 
@@ -44,6 +45,7 @@ PHOTO_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)  # jpg jpeg png webp bmp
 INDEX_NAME = ".flame-index"
 KIND = "flame-image-index"
 FILES = "files.json"
+COMMIT_EVERY = 4096  # photos per shard: a killed run keeps every committed shard
 # Default prompt set for a query (FLAME.md section 6): the long set for long or multi-sentence
 # text, the raw set for short text.
 LONG_WORDS = 20
@@ -260,7 +262,22 @@ def _update(photos: Path, model, index: Path, batch_size: int, workers: int, reb
             todo.append(rel)
     report.reused = len(files)
     report.removed = sum(rel not in found for rel in old)
-    keys, vectors = [], []
+    keys: list[str] = []
+    vectors: list[np.ndarray] = []
+
+    def commit() -> None:
+        """A shard of the photos encoded so far, then files.json: a killed run keeps them."""
+        if keys:
+            name = _next_shard(store)
+            store.write_shard(name, keys, np.concatenate(vectors)[:, None])
+            for row, rel in enumerate(keys):
+                size, mtime = found[rel]
+                files[rel] = {"size": size, "mtime_ns": mtime, "shard": name, "row": row}
+            report.encoded += len(keys)
+            keys.clear()
+            vectors.clear()
+        _write_files(index, dict(sorted(files.items())), photos)
+
     if todo:
         from tqdm import tqdm
 
@@ -280,15 +297,10 @@ def _update(photos: Path, model, index: Path, batch_size: int, workers: int, reb
                 vectors.append(model.encode_image(images[ok]).cpu().numpy())
                 keys.extend(todo[int(i)] for i in idx[ok])
             bar.update(len(idx))
+            if len(keys) >= COMMIT_EVERY:
+                commit()
         bar.close()
-    report.encoded = len(keys)
-    if keys:
-        name = _next_shard(store)
-        store.write_shard(name, keys, np.concatenate(vectors)[:, None])
-        for row, rel in enumerate(keys):
-            size, mtime = found[rel]
-            files[rel] = {"size": size, "mtime_ns": mtime, "shard": name, "row": row}
-    _write_files(index, dict(sorted(files.items())), photos)
+    commit()
     _collect_garbage(store, files, photos)
     return report
 
