@@ -440,12 +440,13 @@ class EmbeddingStore:
         out = np.asarray(shard.array[sel], dtype=np.float32)
         if shard.scale is not None:
             scale = np.asarray(shard.scale[sel], dtype=np.float32)
-            finite = np.isfinite(scale)
             out *= scale[..., None]
+            finite = np.isfinite(scale).all()  # int8 values are finite: the scales decide
         else:
-            finite = np.isfinite(out.sum(axis=-1))  # any NaN/inf in a vector makes its sum non-finite
-        if not finite.all():
-            raise self._bad(name, f"{int((~finite).sum())} of the vectors read hold NaN/inf")
+            finite = np.isfinite(out).all()
+        if not finite:
+            n_bad = int((~np.isfinite(out).all(axis=-1)).sum())
+            raise self._bad(name, f"{n_bad} of the vectors read hold NaN/inf")
         return out
 
     # ---- writing ---------------------------------------------------------------------
