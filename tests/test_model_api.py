@@ -83,6 +83,9 @@ def test_from_pretrained_run_folder_means_latest_checkpoint(run_dir):
     assert older.fingerprint != latest.fingerprint and len(latest.fingerprint) == 16
     # the fingerprint is the weights file's hash: a reload of the same folder gives the same one
     assert FlameModel.from_pretrained(run_dir / "checkpoint-10").fingerprint == latest.fingerprint
+    # a model that was never saved is fingerprinted from its weights
+    assert tiny_model(latest.text, seed=10).fingerprint == tiny_model(latest.text, seed=10).fingerprint
+    assert tiny_model(latest.text, seed=10).fingerprint != tiny_model(latest.text, seed=5).fingerprint
 
 
 def test_from_pretrained_without_latest_marker_takes_highest_step(run_dir, tmp_path):

@@ -124,7 +124,7 @@ class FlameModel(nn.Module):
             else:
                 for name, t in sorted(self.state_dict().items()):
                     h.update(name.encode())
-                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                    h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
