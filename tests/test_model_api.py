@@ -286,6 +286,13 @@ def test_cache_chunks_compact_and_stay_readable_by_other_readers(tmp_path, monke
     # the early reader's chunks were merged away under it: it rebuilds its index and still answers
     assert reader.missing(caps) == []
     assert np.array_equal(reader.get(caps), want)
+    # a damaged chunk is one clear error naming the file to delete
+    one = next((tmp_path / "space").glob("*.npy"))
+    one.write_bytes(one.read_bytes()[:100])
+    damaged = te._Space(tmp_path / "space", {})
+    damaged.refresh()
+    with pytest.raises(FlameError, match=f"{one.name} is damaged"):
+        damaged.get(caps)
 
 
 def test_encode_text_accepts_one_string_and_rejects_non_strings(text, tmp_path):

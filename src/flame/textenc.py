@@ -88,7 +88,15 @@ class _Space:
 
     def _array(self, name: str) -> np.ndarray:
         if name not in self.arrays:
-            self.arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+            path = self.folder / f"{name}.npy"
+            try:
+                arr = np.load(path, mmap_mode="r")
+                ok = arr.ndim == 2 and arr.shape[0] == self.seen.get(name, arr.shape[0])
+            except ValueError:
+                ok = False
+            if not ok:
+                raise FlameError(f"text cache chunk {path} is damaged; delete it and {name}.keys.json to recompute")
+            self.arrays[name] = arr
         return self.arrays[name]
 
     def missing(self, captions: Sequence[str]) -> list[str]:
