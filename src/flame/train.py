@@ -647,7 +647,9 @@ class RunLock:
     """An exclusive flock on RUN/.lock, held by rank 0 for the whole job: a second `flame train`
     on the same folder is refused instead of deleting the first one's checkpoints and rewriting
     its log. The kernel drops the lock when the process dies (even by SIGKILL), so it never goes
-    stale. Where the filesystem has no flock, the run goes on after one warning."""
+    stale. Where the filesystem has no flock, the run goes on after one warning. Forked children (data
+    loader workers) close their copy of the descriptor: an orphaned worker of a killed job would
+    otherwise keep the lock for seconds."""
 
     UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 
@@ -656,11 +658,14 @@ class RunLock:
         self.created = not run.exists()
         run.mkdir(parents=True, exist_ok=True)
         self.file = open(run / LOCK, "a+")  # noqa: SIM115 (held for the job)
+        self.fd: int | None = self.file.fileno()
+        os.register_at_fork(after_in_child=self._close_in_child)
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip() or "unknown"
+            self.fd = None
             self.file.close()
             raise FlameError(
                 f"{run} is in use by another flame train ({holder}); wait for it to end or choose another --out"
@@ -676,7 +681,16 @@ class RunLock:
             self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             self.file.flush()
 
+    def _close_in_child(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
     def release(self) -> None:
+        self.fd = None
         self.file.close()
         if self.created and [p.name for p in self.run.iterdir()] == [LOCK]:  # nothing came of it
             (self.run / LOCK).unlink(missing_ok=True)
