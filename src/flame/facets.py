@@ -212,7 +212,7 @@ class FacetEncoder:
             ids = self._text_ids(self._before + cut_text + self._after)
             if len(ids) <= room:
                 return ids, True
-            keep -= 1
+            keep -= len(ids) - room  # the cut text tokenized differently at its end: drop the overshoot
         ids = self._text_ids(self._before + self._after)
         if len(ids) > room:
             raise FlameError(f"the prompt set {self.prompts.name!r} alone does not fit in {self.max_length} tokens")
