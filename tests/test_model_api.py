@@ -340,3 +340,16 @@ def test_two_processes_share_one_cache_while_compacting(tmp_path):
     want = np.stack([_vector_of(c) for c in caps]).astype(np.float16).astype(np.float32)
     assert np.array_equal(reader.get(caps), want)
     assert not list((tmp_path / "space").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_text_side(flame_cache, tmp_path):
+    """The default LLM by its built-in name: fingerprint check passes, vectors equal the direct facet mean."""
+    from flame.llm import llm_fingerprint, load_llm
+
+    model, tok = load_llm("smollm2-135m", device="cpu")
+    text = {"llm": {"spec": "smollm2-135m", "fingerprint": llm_fingerprint(model)}, "layer": [29],
+            "positions": "restart", "prompt_sets": [PROMPT_SETS["short"].to_dict()], "dim": 576}
+    got = TextEncoder(text, cache_dir=tmp_path / "cache", device="cpu").encode(TEXTS[:3], "short")
+    want = reference_text((model, tok), PROMPT_SETS["short"], TEXTS[:3], layer=[29])
+    assert torch.allclose(got, want, atol=2e-3)
