@@ -264,3 +264,12 @@ def test_a_killed_index_run_keeps_its_committed_photos(photos, model_dir, monkey
     monkeypatch.setattr(FlameModel, "encode_image", original)
     code, out, _ = _index(photos, model_dir, capsys, "--workers", "0")
     assert code == 0 and "5 photos: 2 encoded, 2 unchanged, 1 unreadable" in out
+
+
+@pytest.mark.parametrize("action", ["index", "query"])
+def test_help_explains_each_action(action, capsys):
+    with pytest.raises(SystemExit) as e:
+        flame_main(["search", action, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--model" in out and "--index" in out
+    assert ("--prompts" in out and "more than 20" in out) if action == "query" else "new or changed" in out

@@ -398,7 +398,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("index", help="encode every photo under a folder (a rerun adds only new or changed ones)",
-                       description="Encode every photo (jpg, jpeg, png, webp, bmp) under PHOTOS, recursively.")
+                       description="Encode every photo (jpg, jpeg, png, webp, bmp) under PHOTOS, recursively. "
+                       "A rerun encodes only new or changed photos (size or modification time).")
     p.add_argument("photos", type=Path, metavar="PHOTOS", help="folder of photos")
     _model_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
