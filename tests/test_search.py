@@ -128,8 +128,9 @@ def test_index_then_reindex_encodes_only_new_or_changed(photos, model_dir, count
     assert shards == {e["shard"] for e in files.values()}
 
 
-def test_query_prints_ranked_matches_and_writes_escaped_html(photos, model_dir, capsys, tmp_path):
+def test_query_prints_ranked_matches_and_writes_escaped_html(photos, model_dir, capsys, tmp_path, monkeypatch):
     assert _index(photos, model_dir, capsys, "--workers", "0")[0] == 0
+    monkeypatch.setattr("flame.search.BLOCK", 2)  # scores are computed in blocks of stored rows
     html_file = tmp_path / "sheet" / "out.html"
     query = "a <b>bold</b> & noisy photo"
     code = flame_main(["search", "query", query, "--model", str(model_dir), "--index", str(photos / ".flame-index"),

@@ -46,6 +46,7 @@ INDEX_NAME = ".flame-index"
 KIND = "flame-image-index"
 FILES = "files.json"
 COMMIT_EVERY = 4096  # photos per shard: a killed run keeps every committed shard
+BLOCK = 65536  # vectors read at a time when scoring a query
 # Default prompt set for a query (FLAME.md section 6): the long set for long or multi-sentence
 # text, the raw set for short text.
 LONG_WORDS = 20
@@ -168,9 +169,10 @@ def _open_index(index: Path, model, rebuild: bool):
     return EmbeddingStore.create(index, _manifest(model), overwrite=rebuild)
 
 
-def _vectors(store, files: dict[str, dict], rels: list[str]) -> np.ndarray:
-    """float32 [len(rels), D] gathered from the shards named in `files`."""
-    out = np.empty((len(rels), store.dim), dtype=np.float32)
+def _per_photo(store, files: dict[str, dict], rels: list[str], fn, shape: tuple[int, ...]) -> np.ndarray:
+    """fn(float32 vectors [n, D]) for the photos `rels`, read shard by shard in sorted row blocks
+    of BLOCK, so memory stays bounded however large the index is."""
+    out = np.empty((len(rels), *shape), dtype=np.float32)
     by_shard: dict[str, list[tuple[int, int]]] = {}
     for i, rel in enumerate(rels):
         e = files[rel]
@@ -179,8 +181,15 @@ def _vectors(store, files: dict[str, dict], rels: list[str]) -> np.ndarray:
         dst = np.array([p[0] for p in pairs])
         rows = np.array([p[1] for p in pairs])
         order = np.argsort(rows)
-        out[dst[order]] = store.get(shard, rows[order])[:, 0]
+        dst, rows = dst[order], rows[order]
+        for s in range(0, len(rows), BLOCK):
+            out[dst[s : s + BLOCK]] = fn(store.get(shard, rows[s : s + BLOCK])[:, 0])
     return out
+
+
+def _vectors(store, files: dict[str, dict], rels: list[str]) -> np.ndarray:
+    """float32 [len(rels), D] gathered from the shards named in `files`."""
+    return _per_photo(store, files, rels, lambda v: v, (store.dim,))
 
 
 def _next_shard(store) -> str:
@@ -305,9 +314,8 @@ def _update(photos: Path, model, index: Path, batch_size: int, workers: int, reb
     return report
 
 
-def load_index(index: Path, model=None) -> tuple[list[str], np.ndarray, Path | None]:
-    """-> (relative paths, float32 [N, D] vectors, the photo folder). With `model`, its
-    fingerprint must match."""
+def _reader(index: Path, model=None):
+    """-> (store, files, photo folder) of an index; with `model`, its fingerprint must match."""
     from flame.store import EmbeddingStore
 
     if not (index / "manifest.json").is_file():
@@ -318,20 +326,36 @@ def load_index(index: Path, model=None) -> tuple[list[str], np.ndarray, Path | N
     if model is not None and store.manifest.get("model", {}).get("fingerprint") != model.fingerprint:
         raise FlameError(f"index {index} was built with another model; rerun flame search index with this --model")
     files, root = _read_files(index)
-    rels = sorted(files)
+    return store, files, Path(root) if root else None
+
+
+def _reading(index: Path, fn):
     try:
-        return rels, _vectors(store, files, rels), Path(root) if root else None
+        return fn()
     except (FlameError, KeyError, OSError) as e:
         raise FlameError(f"index {index} is incomplete or changed while reading it ({e}); rerun the command") from e
 
 
-def search(model, rels: list[str], vectors: np.ndarray, query: str, k: int = 10, prompts: str | None = None):
-    """-> (prompt set used, [(score, path)] best first)."""
+def load_index(index: Path, model=None) -> tuple[list[str], np.ndarray, Path | None]:
+    """-> (relative paths, float32 [N, D] vectors, the photo folder). With `model`, its
+    fingerprint must match."""
+    store, files, root = _reader(Path(index), model)
+    rels = sorted(files)
+    return rels, _reading(index, lambda: _vectors(store, files, rels)), root
+
+
+def search(model, index: Path, query: str, k: int = 10, prompts: str | None = None):
+    """-> (prompt set used, [(score, path)] best first, photos in the index, photo folder).
+    Scores are cosine similarities, computed block by block from the stored vectors."""
+    store, files, root = _reader(Path(index), model)
+    rels = sorted(files)
+    if not rels:
+        raise FlameError(f"index {index} holds no photos")
     prompts = prompts or default_prompts(query)
     q = model.encode_text([query], prompts=prompts)[0].numpy()
-    scores = vectors @ q
+    scores = _reading(index, lambda: _per_photo(store, files, rels, lambda v: v @ q, ()))
     top = np.argsort(-scores, kind="stable")[:k]
-    return prompts, [(float(scores[i]), rels[i]) for i in top]
+    return prompts, [(float(scores[i]), rels[i]) for i in top], len(rels), root
 
 
 # ---------------------------------------------------------------------------------------
@@ -445,11 +469,8 @@ def run(args: argparse.Namespace) -> int:
         force_llm=args.force_llm, cache_dir=args.cache_dir,
     )
     index = args.index or Path(INDEX_NAME)
-    rels, vectors, photos = load_index(index, model)
-    if not rels:
-        raise FlameError(f"index {index} holds no photos")
-    prompts, hits = search(model, rels, vectors, args.text, args.k, args.prompts)
-    print(f"{len(rels)} photos under {photos or index.parent}; query ({prompts} prompts): {args.text}")
+    prompts, hits, n, photos = search(model, index, args.text, args.k, args.prompts)
+    print(f"{n} photos under {photos or index.parent}; query ({prompts} prompts): {args.text}")
     for rank, (score, rel) in enumerate(hits, 1):
         print(f"{rank:>4}  {score:7.4f}  {rel}")
     if args.html:
