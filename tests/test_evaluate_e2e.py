@@ -252,6 +252,11 @@ def test_second_evaluation_never_loads_the_llm(trained, capsys, tmp_path, monkey
         raise AssertionError("the LLM was loaded although every text is cached")
 
     monkeypatch.setattr(flame.llm, "load_llm", refuse)
+    # the image vectors are cached too: the second evaluation decodes no image
+    import flame.evaluate.images
+
+    assert list((tmp_path / "fresh-cache" / "images").glob("*.pt"))
+    monkeypatch.setattr(flame.evaluate.images, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
     code, _, err = _eval(capsys, *args[:-1], tmp_path / "b.json")
     assert code == 0, err
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
@@ -399,3 +404,37 @@ def test_bad_input_one_line_exit_2(case, trained, capsys, tmp_path, tiny_llm_dir
         code, _, err = _eval(capsys, "--model", model, "--dataset", dataset, "--workers", "0", "--no-progress",
                              *extra, "--force-llm")
         assert code == 0, err
+
+
+def test_default_prompt_sets_follow_caption_length_language_and_the_trained_sets(tmp_path):
+    """FLAME.md section 6: class prompts and short captions -> raw; long English captions -> long,
+    if the model was trained with a long set."""
+    from flame.evaluate.datasets import EvalDataset, Item
+    from flame.evaluate.tasks import LONG_WORDS, default_prompts
+
+    def ds(words: int, language: str = "en") -> EvalDataset:
+        return EvalDataset(tmp_path, "x", "table", "retrieval", {"test": [Item(captions=["w " * words])]},
+                           language=language)
+
+    full = {"prompt_sets": [{"name": "raw"}, {"name": "short"}, {"name": "long"}]}
+    assert default_prompts("zeroshot_retrieval", ds(LONG_WORDS + 20), full) == "long"
+    assert default_prompts("zeroshot_retrieval", ds(LONG_WORDS - 1), full) == "raw"
+    assert default_prompts("zeroshot_retrieval", ds(LONG_WORDS + 20, "de"), full) == "raw"
+    assert default_prompts("zeroshot_retrieval", ds(LONG_WORDS + 20), {"prompt_sets": [{"name": "raw"}]}) == "raw"
+    assert default_prompts("zeroshot_classification", ds(50), full) == "raw"
+
+
+def test_table_languages_and_caption_lists(tmp_path):
+    from flame.errors import FlameError
+    from flame.evaluate import load_dataset
+
+    path = write_table(tmp_path / "t", "jsonl", n=4)
+    assert load_dataset(path).language == "all"
+    en = load_dataset(path, language="en")
+    assert len(en.items()) == 4 and all(len(it.captions) == 2 for it in en.items())
+    fr = load_dataset(path, language="fr")
+    assert [it.captions for it in fr.items()] == [["un cercle rouge"]]
+    with pytest.raises(FlameError, match=r"no captions in language 'de' \(it has en, fr\)"):
+        load_dataset(path, language="de")
+    csv_ds = load_dataset(write_table(tmp_path / "c", "csv", n=4))  # repeated rows -> several captions
+    assert [len(it.captions) for it in csv_ds.items()] == [2, 2, 2, 2] and csv_ds.language == "en"
