@@ -418,6 +418,13 @@ def test_bad_numbers_are_one_line(flags, expect, data, tmp_path, capsys):
     assert not list(out.glob("checkpoint-*"))
 
 
+@pytest.fixture(scope="module")
+def two_checkpoints(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "run"
+    assert flame_main(argv(data, out, "--steps", "2", "--save-every", "1", "--keep", "0")) == 0
+    return out
+
+
 @pytest.mark.parametrize(
     "yaml,expect",
     [
@@ -429,10 +436,9 @@ def test_bad_numbers_are_one_line(flags, expect, data, tmp_path, capsys):
         ("precision: fp8\n", "precision"),
     ],
 )
-def test_bad_yaml_is_one_line_and_force_deletes_nothing(yaml, expect, data, tmp_path, capsys):
+def test_bad_yaml_is_one_line_and_force_deletes_nothing(yaml, expect, data, two_checkpoints, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run(argv(data, out, "--steps", "2", "--save-every", "1", "--keep", "0"), capsys)
-    assert code == 0, err
+    shutil.copytree(two_checkpoints, out)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml)
     code, err = run(argv(data, out, "--config", str(cfg), "--force"), capsys)

@@ -656,8 +656,11 @@ class RunLock:
     def __init__(self, run: Path):
         self.run = run
         self.created = not run.exists()
-        run.mkdir(parents=True, exist_ok=True)
-        self.file = open(run / LOCK, "a+")  # noqa: SIM115 (held for the job)
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            self.file = open(run / LOCK, "a+")  # noqa: SIM115 (held for the job)
+        except OSError as e:
+            raise FlameError(f"cannot use {run} as the run folder ({e.strerror or e})") from None
         self.fd: int | None = self.file.fileno()
         os.register_at_fork(after_in_child=self._close_in_child)
         try:
@@ -957,10 +960,9 @@ def _fit(cfg: TrainConfig, p: Plan, device: torch.device) -> int:
         return batch
 
     def finite(tensors) -> torch.Tensor:
-        tensors = [t for t in tensors if t is not None]
-        if not tensors:
-            return torch.ones((), dtype=torch.bool, device=device)
-        return torch.isfinite(torch.nn.utils.get_total_norm(tensors, error_if_nonfinite=False))
+        """One device-side flag: every element of every tensor is finite."""
+        flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
     data = iter(loader)
     ddp.train()
