@@ -323,9 +323,10 @@ def test_training_evaluates_without_the_llm_in_memory(trained, tmp_path, monkeyp
     monkeypatch.setattr(MultiPositiveSigmoidLoss, "forward", checked_forward)
     monkeypatch.setattr(TrainEvaluator, "evaluate", checked_evaluate)
     out = tmp_path / "run"
+    with_tensorboard = [a for a in TINY if a != "--no-tensorboard"]
     code = flame_main(["train", "--data", str(trained / "shards"), "--embeddings", str(trained / "store"), "--out",
-                       str(out), *TINY, "--batch-size", "16", "--steps", "7", "--workers", "0", "--eval", str(suite),
-                       "--eval-every", "3"])
+                       str(out), *with_tensorboard, "--batch-size", "16", "--steps", "7", "--workers", "0", "--eval",
+                       str(suite), "--eval-every", "3"])
     assert code == 0
     assert len(loads) == 1  # the class prompts were encoded before training
     assert seen["steps"] == [0] * 7 and seen["evals"] == [(0, False)] * 3
@@ -333,6 +334,14 @@ def test_training_evaluates_without_the_llm_in_memory(trained, tmp_path, monkeyp
     evals = [r for r in records if "eval/shapes/acc1" in r]
     assert [r["step"] for r in evals] == [3, 6, 7]
     assert all({"eval/shapes/acc5", "eval/shapes/mean_per_class_recall"} <= set(r) for r in evals)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/shapes/acc1")] == [3, 6, 7]
+    logged = [r["eval/shapes/acc1"] for r in evals]
+    assert [e.value for e in events.Scalars("eval/shapes/acc1")] == pytest.approx(logged)
+    assert "train/loss" in events.Tags()["scalars"]
 
 
 # ---------------------------------------------------------------------------------------------
