@@ -264,7 +264,7 @@ def _table_file(path: Path) -> Path | None:
 
 
 def _rows(table: Path) -> list[dict]:
-    text = table.read_text(encoding="utf-8")
+    text = table.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
     if table.suffix.lower() == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):

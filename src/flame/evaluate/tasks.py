@@ -112,11 +112,14 @@ def evaluate(
     img = dict(batch_size=batch_size, workers=workers, cache_dir=cache_dir, progress=progress)
     result = {"dataset": ds.name, "model": _model_name(model), "task": task, "language": ds.language or "en"}
     if task == "zeroshot_classification":
+        labels = [it.label for it in ds.items("test")]
+        if labels and max(labels) >= len(ds.classnames):
+            raise FlameError(f"{ds.name}: label {max(labels)} but only {len(ds.classnames)} class names")
         # texts first: class-name, template and LLM errors come before any image is decoded
         emb = text.encode(class_prompts(ds), prompts=prompts, progress=progress)
         vec = split_vectors(model, ds, "test", "embed", **img)
         classes = M.class_vectors(emb.view(len(ds.classnames), len(ds.templates), -1))
-        labels = torch.tensor([it.label for it in ds.items("test")])
+        labels = torch.tensor(labels)
         metrics = M.classification_metrics(M.zeroshot_logits(vec.vectors[vec.ok], classes), labels[vec.ok])
         result.update(prompts=prompts, templates=len(ds.templates), classes=len(ds.classnames))
     elif task == "zeroshot_retrieval":
