@@ -1,0 +1,53 @@
+"""`flame demo --quick` end to end: generated data -> flame embed (built-in SmolLM2) -> flame train ->
+CLIP baseline -> flame.evaluate -> metrics.json / report.md / plots; a second run reuses everything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flame.cli import main as flame_main
+
+RETRIEVAL = ("test", "compositional", "paraphrase", "multilingual", "multilingual-fr", "multilingual-de",
+             "multilingual-es")
+R_KEYS = {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "chance_r1"}
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end_and_cached_rerun(tmp_path, flame_cache, capsys):
+    out = tmp_path / "demo"
+    assert flame_main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    # the documented shape: {model: {split: {metric: value}}}
+    assert set(metrics) == {"flame", "clip"}
+    for model in metrics.values():
+        assert set(RETRIEVAL) | {"zeroshot"} <= set(model)
+        for split in RETRIEVAL:
+            assert R_KEYS <= set(model[split]), split
+            assert all(0.0 <= model[split][k] <= 1.0 for k in R_KEYS)
+        assert {"top1", "chance"} <= set(model["zeroshot"])
+
+    # FLAME learned: above chance in distribution, both directions, and on zero-shot classes
+    f = metrics["flame"]
+    assert f["test"]["i2t_r1"] > 2 * f["test"]["chance_r1"]
+    assert f["test"]["t2i_r1"] > 2 * f["test"]["chance_r1"]
+    assert f["zeroshot"]["top1"] > 1.5 * f["zeroshot"]["chance"]
+    assert metrics["clip"]["test"]["i2t_r5"] > metrics["clip"]["test"]["chance_r1"]
+
+    report = (out / "report.md").read_text()
+    assert "| test |" in report and "zero-shot top-1" in report
+    assert f"{f['test']['i2t_r1']:.3f}" in report  # the table shows the measured numbers
+    for png in ("loss.png", "recall.png", "queries.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    for stage in ("[1/7] data", "[3/7] embed", "[4/7] train", "[5/7] clip", "[6/7] eval", "left)"):
+        assert stage in first
+
+    # second run: every stage before evaluation is cached, the numbers are identical
+    assert flame_main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    second = capsys.readouterr().out
+    for stage in ("data", "embed", "train", "clip"):
+        assert f"{stage}: cached, skipped" in second
+    assert json.loads((out / "metrics.json").read_text()) == metrics
