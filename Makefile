@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	# its declared deps pull datasets/pycocotools that nothing here uses.
 	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)
+
+demo: $(STAMP)  ## generated data -> embed -> train -> eval, FLAME vs a CLIP baseline (report in runs/demo/)
+	$(VENV)/bin/flame demo $(DEMO_ARGS)
 
 test: $(STAMP)  ## the whole suite, slow tests included (what CI runs)
 	$(VENV)/bin/ruff check src tests
