@@ -117,6 +117,7 @@ def test_resume_refuses_a_state_file_that_runs_code(data, tmp_path, capsys):
 # 2. resuming from an older checkpoint keeps the new checkpoints; files are fsynced
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("keep,expect", [(1, [5]), (2, [4, 5])])
+@pytest.mark.slow
 def test_resume_from_older_checkpoint_keeps_new_ones(keep, expect, data, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = run(argv(data, out, "--steps", "8", "--save-every", "2", "--keep", "0"), capsys)
@@ -257,6 +258,27 @@ def test_error_on_rank_1_inside_the_loop_stops_every_rank(tmp_path):
     assert "rank 1" in text
 
 
+@pytest.mark.slow
+def test_full_disk_on_rank_0_under_torchrun_stops_every_rank(data, tmp_path):
+    """Rank 0 fails to write a checkpoint while rank 1 waits for it: one line, both ranks stop."""
+    import resource
+    import signal
+
+    def small_disk():  # model.safetensors (1.4 MB) fits, state.pt (2.9 MB) does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "localhost:0", "-m", "flame", *argv(data, out, "--steps", "4", "--save-every", "2")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=150, preexec_fn=small_disk)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count("cannot write checkpoint") == 1 and "File too large" in text, text[-3000:]
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".checkpoint-*"))
+
+
 # ---------------------------------------------------------------------------------------
 # 5. one job per run folder
 # ---------------------------------------------------------------------------------------
@@ -359,6 +381,7 @@ def test_resume_refuses_a_store_that_gained_a_shard(tmp_path, capsys):
     assert "shapes-00002" in line and "store" in line and "--force" in line
 
 
+@pytest.mark.slow
 def test_epochs_schedule_is_kept_on_resume(data, tmp_path, capsys):
     shards = tmp_path / "shards"
     shards.mkdir()
