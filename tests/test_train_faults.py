@@ -117,7 +117,6 @@ def test_resume_refuses_a_state_file_that_runs_code(data, tmp_path, capsys):
 # 2. resuming from an older checkpoint keeps the new checkpoints; files are fsynced
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("keep,expect", [(1, [5]), (2, [4, 5])])
-@pytest.mark.slow
 def test_resume_from_older_checkpoint_keeps_new_ones(keep, expect, data, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = run(argv(data, out, "--steps", "8", "--save-every", "2", "--keep", "0"), capsys)
@@ -381,7 +380,6 @@ def test_resume_refuses_a_store_that_gained_a_shard(tmp_path, capsys):
     assert "shapes-00002" in line and "store" in line and "--force" in line
 
 
-@pytest.mark.slow
 def test_epochs_schedule_is_kept_on_resume(data, tmp_path, capsys):
     shards = tmp_path / "shards"
     shards.mkdir()

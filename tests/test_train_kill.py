@@ -88,6 +88,14 @@ def kill_when(proc: subprocess.Popen, out: Path, ready, what: str, timeout: floa
     proc.wait()
 
 
+def killed_run(args: list[str], at: int, log: Path, **kw) -> None:
+    """Run until the FLAME_TEST_KILL_AT hook kills it. Output goes to a file: orphaned data-loader
+    workers keep a pipe open for seconds after their parent died."""
+    with open(log, "w") as f:
+        proc = subprocess.run(args, env=env(FLAME_TEST_KILL_AT=str(at)), stdout=f, stderr=f, timeout=300, **kw)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+
+
 def log_lines(out: Path) -> int:
     try:
         return len((out / "log.jsonl").read_text().splitlines())
@@ -137,9 +145,7 @@ def test_sigkill_then_resume_is_identical(name, data, reference, tmp_path):
         proc = subprocess.Popen(cmd(data, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(proc, out, lambda: log_lines(out) >= 1, "the first step")
     else:
-        proc = subprocess.run(cmd(data, out), env=env(FLAME_TEST_KILL_AT=str(at)), capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        killed_run(cmd(data, out), at, tmp_path / "killed.log")
     visible_checkpoints_complete(out)
     assert left(out), f"the kill did not leave the state {name!r}: {sorted(p.name for p in out.iterdir())}"
     resume_and_compare(data, out, reference)
@@ -153,18 +159,14 @@ def test_sigkill_during_a_write_and_again_during_the_resume(data, reference, tmp
     kill_when(proc, out, lambda: bool(temporaries(out)) or (out / "checkpoint-4").exists(), "a checkpoint write")
     visible_checkpoints_complete(out)
     # the resumed job: log rewrite (2 durable steps) + train-config (2), then its first checkpoint: kill at its rename
-    proc = subprocess.run(cmd(data, out, "--resume"), env=env(FLAME_TEST_KILL_AT="7"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed_run(cmd(data, out, "--resume"), 7, tmp_path / "killed.log")
     visible_checkpoints_complete(out)
     resume_and_compare(data, out, reference)
 
 
 def test_full_disk_during_a_checkpoint_is_one_error_and_a_rerun_completes(data, reference, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(cmd(data, out), env=env(FLAME_TEST_KILL_AT="10"), capture_output=True, text=True,
-                          timeout=300)  # killed right after checkpoint-2 and `latest` were written
-    assert proc.returncode == -signal.SIGKILL
+    killed_run(cmd(data, out), 10, tmp_path / "killed.log")  # right after checkpoint-2 and `latest` were written
     before = weights(out / "checkpoint-2")
 
     def small_disk():  # no file may grow past 2 MB: model.safetensors (1.4 MB) fits, state.pt (2.9 MB) not

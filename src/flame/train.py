@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 
 from flame import distributed as dist
 from flame.errors import FlameError
-from flame.fileio import fsync_dir, replace, write_atomic
+from flame.fileio import TMP_SUFFIX, fsync_dir, replace, write_atomic
 
 log = logging.getLogger("flame.train")
 
@@ -573,6 +573,15 @@ class _KeepWriteError:
         self.f.flush()
 
 
+def write_file(path: Path, text: str) -> None:
+    """write_atomic, with a full disk as one FlameError (the old file stays as it was)."""
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)
+        raise FlameError(f"cannot write {path} ({e.strerror or e}): free some space and rerun with --resume") from None
+
+
 def _write_state(path: Path, state: dict) -> None:
     with open(path, "wb") as f:
         sink = _KeepWriteError(f)
@@ -611,8 +620,8 @@ def save_checkpoint(run: Path, step: int, model, state: dict, keep: int) -> Path
             f"{f' (latest: {prev.name})' if prev else ''}: free some space and rerun with --resume"
         ) from None
     written = [n for n in read_ledger(run) if n != final.name and (run / n).is_dir()] + [final.name]
-    write_atomic(run / LEDGER, json.dumps({"written": written}) + "\n")
-    write_atomic(run / "latest", final.name + "\n")
+    write_file(run / LEDGER, json.dumps({"written": written}) + "\n")
+    write_file(run / "latest", final.name + "\n")
     prune(run, keep, protect={final.name})
     return final
 
@@ -631,7 +640,7 @@ def prune(run: Path, keep: int, protect: set[str]) -> None:
     for name in doomed:
         shutil.rmtree(run / name, ignore_errors=True)
     if doomed:
-        write_atomic(run / LEDGER, json.dumps({"written": [n for n in written if n not in doomed]}) + "\n")
+        write_file(run / LEDGER, json.dumps({"written": [n for n in written if n not in doomed]}) + "\n")
         fsync_dir(run)
 
 
@@ -725,7 +734,7 @@ class Logger:
                     kept.append(line)
             if torn:
                 log.warning("%s: dropped %d torn line(s) left by an interrupted job", path, torn)
-            write_atomic(path, "".join(ln + "\n" for ln in kept))
+            write_file(path, "".join(ln + "\n" for ln in kept))
         self.jsonl = path.open("a")
         if tensorboard:
             try:
@@ -885,7 +894,7 @@ def _fit(cfg: TrainConfig, p: Plan, device: torch.device) -> int:
             for name in ("latest", LEDGER):
                 (run_dir / name).unlink(missing_ok=True)
             fsync_dir(run_dir)
-        write_atomic(run_dir / TRAIN_CONFIG, json.dumps(
+        write_file(run_dir / TRAIN_CONFIG, json.dumps(
             {"config": cfg.comparable(), "world_size": world, "steps": p.steps, "data": p.data}, indent=2) + "\n")
 
     workers = max(0, cfg.workers)
