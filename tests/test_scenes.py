@@ -149,3 +149,12 @@ def test_train_shard_is_read_by_flame_embed_and_eval_splits_by_clip_benchmark(sm
     assert zs.classes == list(S.CATEGORIES) and len(zs.templates) == len(S.ZEROSHOT_TEMPLATES)
     labels = [int(label) for _, label in zs]
     assert len(labels) == SMALL.zeroshot and set(labels) <= set(range(len(S.CATEGORIES)))
+
+
+def test_training_pairs_differ_only_in_the_main_category_and_sit_side_by_side():
+    from dataclasses import replace
+
+    plan = S.plan(S.ScenesConfig())
+    for k in range(0, len(plan.train) - 1, 2):
+        a, b = plan.train[k], plan.train[k + 1]
+        assert a.main != b.main and replace(a, main=b.main) == b, (a, b)

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from flame.errors import FlameError
 from flame.fileio import write_atomic
 
-VERSION = 1  # bump when images or captions change: cached demo data is regenerated
+VERSION = 2  # bump when images or captions change: cached demo data is regenerated
 
 # ---- vocabulary ---------------------------------------------------------------------------
 # category -> paraphrase word, (French noun, gender), (German noun, gender, dative), (Spanish noun, gender)
@@ -472,6 +472,24 @@ def _random_scene(rng: random.Random, main: str | None = None, heldout_main: boo
                  minor, minor_colour, rng.choice(list(ATMOSPHERES)))
 
 
+def _pairs(rng: random.Random, n: int) -> list[Scene]:
+    """n combinations with distinct short captions, made in pairs: a random scene, then the same
+    scene with another main category (same colour, pattern, size, position, minor object, weather)."""
+    cats, out, seen, tries = list(CATEGORIES), [], set(), 0
+    while len(out) < n:
+        tries += 1
+        if tries > 200 * n + 1000:
+            raise FlameError(f"cannot draw {n} combinations with distinct captions")
+        base = _random_scene(rng, main=cats[len(out) // 2 % len(cats)])
+        other = [c for c in cats if c not in (base.main, base.minor) and _allowed(c, base.colour)]
+        pair = [base, replace(base, main=rng.choice(other))]
+        caps = {short_caption(x) for x in pair}
+        if not caps & seen:
+            seen |= caps
+            out.extend(pair)
+    return out[:n]
+
+
 def _distinct(rng: random.Random, n: int, make: Callable[[int], Scene], avoid: Iterable[str] = ()) -> list[Scene]:
     """n scenes with pairwise different short captions (and none in `avoid`)."""
     seen, out = set(avoid), []
@@ -503,9 +521,17 @@ def plan(config: ScenesConfig) -> Plan:
         raise FlameError(f"eval_size {config.eval_size} needs at least as many training combos ({config.combos})")
     rng = random.Random(f"scenes/{config.seed}/combos")
     cats = list(CATEGORIES)
-    combos = _distinct(rng, config.combos, lambda i: _random_scene(rng, main=cats[i % len(cats)]))
-    train = [combos[i % len(combos)] for i in range(config.train)]
-    random.Random(f"scenes/{config.seed}/order").shuffle(train)
+    combos = _pairs(rng, config.combos)
+    # Training order: the two combinations of a pair (same scene, another main category) sit side
+    # by side, so most batches hold pairs that only the objects' shapes tell apart; without them
+    # colour and weather alone separate a batch's captions and the tower never learns the shapes.
+    order = random.Random(f"scenes/{config.seed}/order")
+    pairs = [combos[i : i + 2] for i in range(0, len(combos), 2)]
+    train: list[Scene] = []
+    while len(train) < config.train:
+        order.shuffle(pairs)
+        train.extend(s for pair in pairs for s in pair)
+    train = train[: config.train]
     pick = random.Random(f"scenes/{config.seed}/test")
     test = pick.sample(combos, config.eval_size)
     comp_rng = random.Random(f"scenes/{config.seed}/compositional")
