@@ -19,7 +19,9 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,36 @@ def visible_checkpoints_complete(out: Path) -> list[str]:
     if (out / "latest").exists():
         assert (out / "latest").read_text().strip() in names
     return names
+
+
+@contextmanager
+def watched(out: Path):
+    """For as long as the block runs (every run, killed or not), a thread polls the run folder and
+    records any checkpoint seen under its final name without all of its files."""
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                names = os.listdir(out)
+            except FileNotFoundError:
+                names = []
+            for name in names:
+                ckpt = out / name
+                missing = [f for f in FILES if not (ckpt / f).is_file()] if name.startswith("checkpoint-") else []
+                if missing and ckpt.is_dir():  # (a folder renamed away meanwhile is not a finding)
+                    seen.append(f"{name} without {missing}")
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
+    assert not seen, f"partial checkpoints were visible: {seen[:3]}"
 
 
 def temporaries(out: Path) -> list[str]:
@@ -141,47 +173,51 @@ SCENARIOS = {
 def test_sigkill_then_resume_is_identical(name, data, reference, tmp_path):
     at, left = SCENARIOS[name]
     out = tmp_path / "run"
-    if at is None:
-        proc = subprocess.Popen(cmd(data, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        kill_when(proc, out, lambda: log_lines(out) >= 1, "the first step")
-    else:
-        killed_run(cmd(data, out), at, tmp_path / "killed.log")
-    visible_checkpoints_complete(out)
-    assert left(out), f"the kill did not leave the state {name!r}: {sorted(p.name for p in out.iterdir())}"
-    resume_and_compare(data, out, reference)
+    with watched(out):
+        if at is None:
+            proc = subprocess.Popen(cmd(data, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            kill_when(proc, out, lambda: log_lines(out) >= 1, "the first step")
+        else:
+            killed_run(cmd(data, out), at, tmp_path / "killed.log")
+        visible_checkpoints_complete(out)
+        assert left(out), f"the kill did not leave the state {name!r}: {sorted(p.name for p in out.iterdir())}"
+        resume_and_compare(data, out, reference)
 
 
 def test_sigkill_during_a_write_and_again_during_the_resume(data, reference, tmp_path):
     """A polled kill while a temporary checkpoint folder exists (really mid-write), then the resumed
     job is killed too, mid-way through its next checkpoint; the third run finishes."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(cmd(data, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, out, lambda: bool(temporaries(out)) or (out / "checkpoint-4").exists(), "a checkpoint write")
-    visible_checkpoints_complete(out)
-    # the resumed job: log rewrite (2 durable steps) + train-config (2), then its first checkpoint: kill at its rename
-    killed_run(cmd(data, out, "--resume"), 7, tmp_path / "killed.log")
-    visible_checkpoints_complete(out)
-    resume_and_compare(data, out, reference)
+    with watched(out):
+        proc = subprocess.Popen(cmd(data, out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(proc, out, lambda: bool(temporaries(out)) or (out / "checkpoint-4").exists(), "a checkpoint write")
+        visible_checkpoints_complete(out)
+        # the resumed job: train-config + log rewrite (2 durable steps each), then its first checkpoint's
+        # config.json (2): killed just before that checkpoint's rename
+        killed_run(cmd(data, out, "--resume"), 7, tmp_path / "killed.log")
+        visible_checkpoints_complete(out)
+        resume_and_compare(data, out, reference)
 
 
 def test_full_disk_during_a_checkpoint_is_one_error_and_a_rerun_completes(data, reference, tmp_path):
     out = tmp_path / "run"
-    killed_run(cmd(data, out), 10, tmp_path / "killed.log")  # right after checkpoint-2 and `latest` were written
-    before = weights(out / "checkpoint-2")
+    with watched(out):
+        killed_run(cmd(data, out), 10, tmp_path / "killed.log")  # right after checkpoint-2 and `latest` were written
+        before = weights(out / "checkpoint-2")
 
-    def small_disk():  # no file may grow past 2 MB: model.safetensors (1.4 MB) fits, state.pt (2.9 MB) not
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+        def small_disk():  # no file may grow past 2 MB: model.safetensors (1.4 MB) fits, state.pt (2.9 MB) not
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
 
-    proc = subprocess.run(cmd(data, out, "--resume"), env=env(), capture_output=True, text=True, timeout=300,
-                          preexec_fn=small_disk)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "checkpoint-4" in errors[0] and "File too large" in errors[0] and "--resume" in errors[0]
-    assert visible_checkpoints_complete(out) == ["checkpoint-2"]
-    assert (out / "latest").read_text().strip() == "checkpoint-2"
-    assert not temporaries(out)
-    after = weights(out / "checkpoint-2")
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    resume_and_compare(data, out, reference)
+        proc = subprocess.run(cmd(data, out, "--resume"), env=env(), capture_output=True, text=True, timeout=300,
+                              preexec_fn=small_disk)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "checkpoint-4" in errors[0] and "File too large" in errors[0] and "--resume" in errors[0]
+        assert visible_checkpoints_complete(out) == ["checkpoint-2"]
+        assert (out / "latest").read_text().strip() == "checkpoint-2"
+        assert not temporaries(out)
+        after = weights(out / "checkpoint-2")
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        resume_and_compare(data, out, reference)

@@ -638,10 +638,21 @@ def prune(run: Path, keep: int, protect: set[str]) -> None:
     order = unknown + written  # oldest first
     doomed = [n for n in order[:-keep] if n not in protect]
     for name in doomed:
-        shutil.rmtree(run / name, ignore_errors=True)
+        delete_checkpoint(run / name)
     if doomed:
         write_file(run / LEDGER, json.dumps({"written": [n for n in written if n not in doomed]}) + "\n")
         fsync_dir(run)
+
+
+def delete_checkpoint(ckpt: Path) -> None:
+    """Rename to a temporary name first, then delete: a checkpoint is never visible half deleted
+    (a job killed meanwhile leaves a temporary folder, removed by the next start)."""
+    doomed = ckpt.with_name(f".{ckpt.name}.tmp-del-{os.getpid()}")
+    try:
+        os.replace(ckpt, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_temporaries(run: Path) -> None:
@@ -890,7 +901,7 @@ def _fit(cfg: TrainConfig, p: Plan, device: torch.device) -> int:
         clean_temporaries(run_dir)
         if p.resume_from is None and cfg.force:  # everything is validated and built: only now go the old files
             for old in run_dir.glob("checkpoint-*"):
-                shutil.rmtree(old, ignore_errors=True)
+                delete_checkpoint(old)
             for name in ("latest", LEDGER):
                 (run_dir / name).unlink(missing_ok=True)
             fsync_dir(run_dir)
