@@ -194,9 +194,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate on this flame-eval suite file during training (rank 0; logged as eval/NAME/METRIC)")
     g.add_argument("--eval-every", type=int, default=S, help="steps between evaluations (default 1000; and the last)")
     g.add_argument("--resume", nargs="?", const="latest", default=S, metavar="CHECKPOINT",
-                   help="continue the run in --out (from RUN/latest or the named checkpoint folder)")
+                   help="continue the run in --out (from RUN/latest or the named checkpoint folder); a run "
+                        "folder with no checkpoint yet starts from step 0, so requeued jobs can always pass it")
     g.add_argument("--force", action="store_true", default=S,
-                   help="resume despite changed settings / start over in a non-empty --out")
+                   help="resume despite changed settings or data / start over in a non-empty --out "
+                        "(the old checkpoints are deleted only after every setting has been checked)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
