@@ -177,6 +177,20 @@ def test_encode_text_is_mean_of_facets_then_norm(prompts, run_dir, llm, tmp_path
     assert model.text_encoder.llm_loaded
 
 
+def test_recorded_caption_cap_is_used_at_inference(text, llm, tmp_path):
+    """A store made with --max-caption-tokens N records N; encode_text must cut captions the same way."""
+    from flame.facets import FacetEncoder
+
+    long_caption = ["a red car on a street " * 40]
+    capped = TextEncoder({**text, "max_caption_tokens": 8}, cache_dir=tmp_path / "cache")
+    default = TextEncoder(text, cache_dir=tmp_path / "cache")
+    enc = FacetEncoder(llm[0], llm[1], prompts="raw", layer=LAYER, positions="restart", max_caption_tokens=8)
+    ref = F.normalize(enc.encode(long_caption).mean(dim=1), dim=-1)
+    got = capped.encode(long_caption, prompts="raw")
+    assert torch.allclose(got, ref, atol=2e-3)
+    assert (default.encode(long_caption, prompts="raw") - got).abs().max() > 0.01  # another cache entry
+
+
 def test_second_evaluation_never_loads_the_llm(text, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = TextEncoder(text, cache_dir=cache)

@@ -34,7 +34,7 @@ FORMAT = "flame-model"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-TEXT_KEYS = ("llm", "layer", "positions", "prompt_sets", "facets", "k", "dim", "normalized")
+TEXT_KEYS = ("llm", "layer", "positions", "prompt_sets", "facets", "k", "dim", "normalized", "max_caption_tokens")
 
 
 def text_side(manifest: dict) -> dict:

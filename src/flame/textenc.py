@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from flame.errors import FlameError
 from flame.fileio import write_atomic
-from flame.prompts import PROMPT_SETS, PromptSet, load_prompt_set
+from flame.prompts import DEFAULT_MAX_CAPTION_TOKENS, PROMPT_SETS, PromptSet, load_prompt_set
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,8 @@ class TextEncoder:
         self.recorded_fingerprint: str | None = llm_info.get("fingerprint") or None
         self.layer = _layers(self.text.get("layer"))
         self.positions = self.text.get("positions", "restart")
+        # A store made with another caption cap recorded it; the default (512) is not recorded.
+        self.max_caption_tokens = int(self.text.get("max_caption_tokens", DEFAULT_MAX_CAPTION_TOKENS))
         self.device = device
         self.force = force
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -240,6 +242,8 @@ class TextEncoder:
             "prefix": ps.prefix,
             "facets": list(ps.facets),
             "sep": ps.sep,
+            **({"max_caption_tokens": self.max_caption_tokens}
+               if self.max_caption_tokens != DEFAULT_MAX_CAPTION_TOKENS else {}),
         }
 
     def _space(self, prompts: str | PromptSet) -> _Space:
@@ -301,7 +305,8 @@ class TextEncoder:
         if key not in self._encoders:
             model, tokenizer = self._load()
             self._encoders[key] = FacetEncoder(model, tokenizer, prompts=ps, layer=self.layer,
-                                               positions=self.positions)
+                                               positions=self.positions,
+                                               max_caption_tokens=self.max_caption_tokens)
         return self._encoders[key]
 
     # ---- encoding ------------------------------------------------------------------------
