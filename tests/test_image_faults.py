@@ -107,3 +107,20 @@ def test_train_stream_skips_and_counts_hostile_images(tmp_path, bomb, eps_spy):
     assert [key.split("/")[1] for key in batch["keys"]] == ["good0", "good1"]
     assert batch["state"]["undecodable"] == 3 and batch["images"].shape == (2, 3, 16, 16)
     assert eps_spy == []
+
+
+def test_evaluation_decoder_follows_the_same_rules(eps_spy, bomb, tmp_path):
+    """`flame eval` / `flame search` images: an EPS named .jpg and a bomb are skipped, not decoded."""
+    from flame.evaluate.images import _decode
+
+    def transform(img):
+        return np.asarray(img.convert("RGB").resize((8, 8)))
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(EPS)
+    for data in (EPS, str(path), bomb):
+        _, ok = _decode(data, transform, 8)
+        assert not ok
+    assert eps_spy == []
+    image, ok = _decode(_png(20, 10), transform, 8)
+    assert ok and image.shape == (8, 8, 3)

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import tarfile
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,14 @@ def default_cache_dir() -> Path:
 
 
 def _decode(data: bytes | str, transform: Callable, size: int) -> tuple[torch.Tensor, bool]:
-    from PIL import Image
+    from flame.data.images import open_image
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(data if isinstance(data, str) else io.BytesIO(data))
-            img.load()
+    try:  # the training stream's rules: expected formats only, bounded pixel count
+        if isinstance(data, str):
+            with open(data, "rb") as f:
+                data = f.read()
+        img = open_image(data)
+        img.load()
         return transform(img), True
     except Exception:
         return torch.zeros(3, size, size), False
