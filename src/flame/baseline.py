@@ -67,6 +67,7 @@ class BaselineConfig:
     log_every: int = 10
     caption_ext: str = "txt"
     text: ClipTextConfig = field(default_factory=ClipTextConfig)
+    data: dict = field(default_factory=dict)  # what the caller knows about the data (a changed set retrains)
 
     def to_dict(self) -> dict:
         d = asdict(self)
