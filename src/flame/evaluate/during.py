@@ -75,8 +75,8 @@ class TrainEvaluator:
 
     @classmethod
     def on_rank0(cls, suite: str, every: int, text: dict, steps: int, **kwargs) -> TrainEvaluator | None:
-        """Built on rank 0 only (None elsewhere); a FlameError there is raised on every rank, so
-        all processes stop together before training (as train.plan's errors do)."""
+        """Built on rank 0 only (None elsewhere); a FlameError there is raised on every rank as an
+        agreed error, so all processes stop together before training (as train.plan's errors do)."""
         from flame import distributed as dist
 
         evaluator, error = None, None
@@ -85,9 +85,7 @@ class TrainEvaluator:
                 evaluator = cls(suite, every, text, steps, **kwargs)
             except FlameError as e:
                 error = str(e)
-        first = next((e for e in dist.all_gather_object(error) if e), None)
-        if first:
-            raise FlameError(first)
+        dist.check_errors(error)  # agreed: rank 0 prints it once, the others leave quietly
         return evaluator
 
     def due(self, step: int) -> bool:
