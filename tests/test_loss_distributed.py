@@ -43,6 +43,7 @@ WORKER = textwrap.dedent(
     if r == 0:
         torch.save({"loss": global_loss, "grads": {n: p.grad for n, p in model.named_parameters()},
                     "x": x, "txt": txt, "state": {k: v for k, v in model.state_dict().items()}}, out)
+    distributed.leave_together()
     distributed.shutdown()
     """
 )

@@ -90,6 +90,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_together() -> None:
+    """A barrier before the process group goes: a gloo rank that exits with its last send still in
+    flight can abort ('terminate called without an active exception'), and torchrun would then stop
+    rank 0 before it has printed. Only where every rank is known to be at the same point."""
+    try:
+        barrier()
+    except Exception:  # a peer already gone: nothing to wait for
+        pass
+
+
 def all_gather_constant(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0, in rank order. No gradient flows back:
     this is for constant inputs (the frozen LLM's text embeddings). Same shape on all ranks."""

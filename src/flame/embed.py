@@ -571,6 +571,7 @@ def _embed(args, cfg: Config, device: str) -> int:
         if bar is not None:
             bar.close()
         everyone = distributed.all_gather_object(stats)
+        distributed.leave_together()  # every rank is here: no send left in flight at exit
     finally:
         for lock in held:
             lock.release()

@@ -797,7 +797,7 @@ def train(cfg: TrainConfig) -> int:
     try:
         return _train(cfg, device)
     except dist.AgreedError:
-        _leave_together()
+        dist.leave_together()
         if not dist.is_main():  # every rank raised it at the same point: rank 0 prints it once and exits 2;
             return 0  # exiting 0 here keeps torchrun from stopping rank 0 before it has printed
         raise
@@ -812,16 +812,6 @@ def train(cfg: TrainConfig) -> int:
         raise FlameError(f"rank {dist.rank()}: lost contact with another rank ({reason})") from e
     finally:
         dist.shutdown()
-
-
-def _leave_together() -> None:
-    """A barrier before the process group goes: a gloo rank that exits with its last send still in
-    flight can abort ('terminate called without an active exception'), and torchrun would then stop
-    rank 0 before it has printed. Only where every rank is known to be at the same point."""
-    try:
-        dist.barrier()
-    except Exception:  # a peer already gone: nothing to wait for
-        pass
 
 
 def _train(cfg: TrainConfig, device: torch.device) -> int:
@@ -1095,7 +1085,7 @@ def _fit(cfg: TrainConfig, p: Plan, device: torch.device) -> int:
             bar.close()
         logger.close()
         del data
-    _leave_together()
+    dist.leave_together()
     if main:
         print(f"done: {p.steps} steps; model in {run_dir / f'checkpoint-{p.steps}'}")
     return 0
