@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flame import distributed
+from flame import distributed, fileio
 from flame.data.captions import CaptionTable, ShardError, base_plus_ext, read_shard_captions
 from flame.data.shards import expand_shards, shard_name
 from flame.errors import FlameError
@@ -146,6 +146,12 @@ def _config(args: argparse.Namespace) -> Config:
         raise FlameError("--batch-tokens, --max-batch and --chunk must be positive")
     tables = _parse_tables(args.captions)
     sources = _parse_sources(args.prompts, tables)
+    shards, out = input_shards_and_out(args)
+    return Config(shards, sources, tables, out, _parse_layer(args.layer))
+
+
+def input_shards_and_out(args: argparse.Namespace) -> tuple[list[Path], Path]:
+    """`--data` expanded (store shards are named by file name, so names must be unique) and `--out`."""
     shards = expand_shards(args.data)
     names = [shard_name(p) for p in shards]
     if len(set(names)) != len(names):
@@ -154,7 +160,7 @@ def _config(args: argparse.Namespace) -> Config:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FlameError(f"--out {out} exists and is not a folder")
-    return Config(shards, sources, tables, out, _parse_layer(args.layer))
+    return shards, out
 
 
 # ---- distributed --------------------------------------------------------------------------
@@ -212,7 +218,7 @@ class StoreLock:
                 fd = os.open(owner, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 host, _, pid = owner.read_text(errors="replace").strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                if host == socket.gethostname() and pid.isdigit() and not fileio.pid_alive(int(pid)):
                     owner.unlink(missing_ok=True)  # left by a dead job on this host
                     continue
                 self.file.close()
@@ -245,16 +251,6 @@ class StoreLock:
                 except OSError:
                     pass
         self.file.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---- encoding -----------------------------------------------------------------------------

@@ -109,3 +109,14 @@ def remove_durable(path: str | Path) -> None:
     except FileNotFoundError:
         return
     fsync_dir(path.parent)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` on this host still exists (stale lock and temp-folder owners)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True

@@ -133,16 +133,6 @@ def _conversion_lock(target: Path):
         yield locked
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 _TMP = re.compile(r"\.tmp(?:-(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
@@ -155,7 +145,7 @@ def _clean_stale_conversions(target: Path, locked: bool) -> None:
         if m is None or not tmp.is_dir():
             continue
         same_host = m["host"] in (None, host)
-        if locked or (same_host and not _pid_alive(int(m["pid"]))):
+        if locked or (same_host and not fileio.pid_alive(int(m["pid"]))):
             log.info("removing %s (left by a conversion that did not finish)", tmp.name)
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from flame.data.captions import ShardError, base_plus_ext, read_shard_captions
-from flame.data.shards import expand_shards, shard_name
+from flame.data.shards import shard_name
 from flame.errors import FlameError
 from flame.prompts import PROMPT_SETS
 from flame.store import EmbeddingStore, NonFiniteShard
@@ -218,7 +218,7 @@ def _import_shard(store: EmbeddingStore, name: str, path: Path, finder: Finder, 
 
 def run_import(args: argparse.Namespace) -> int:
     """`flame embed --import-release ROOT --data SHARDS --out STORE`."""
-    from flame.embed import StoreLock, _human_bytes, _human_time
+    from flame.embed import StoreLock, _human_bytes, _human_time, input_shards_and_out
 
     if int(os.environ.get("RANK", "0")) != 0:  # file copying: one process does it all
         return 0
@@ -229,14 +229,8 @@ def run_import(args: argparse.Namespace) -> int:
     root = Path(args.import_release)
     if not root.is_dir():
         raise FlameError(f"--import-release {root}: not a folder")
-    shards = expand_shards(args.data)
+    shards, out = input_shards_and_out(args)
     names = [shard_name(p) for p in shards]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise FlameError(f"two input shards share the name {dup!r}; store shards are named by file name")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FlameError(f"--out {out} exists and is not a folder")
     finder = Finder(root, args.release_layout)
     t0 = time.perf_counter()
     lock = StoreLock(out)
