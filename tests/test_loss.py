@@ -94,3 +94,19 @@ def test_clamp():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         MultiPositiveSigmoidLoss()(torch.zeros(3, 4), torch.zeros(2, 1, 4), torch.tensor(0.0), torch.tensor(0.0))
+
+
+def test_anisotropic_logit_scale_matches_the_pairwise_cosines():
+    """Vectors a*mu + b*r_i (r_i orthonormal, orthogonal to mu) have every pairwise cosine a^2: t must be
+    10 / sqrt(1 - a^2); an isotropic set keeps the recipe's 10; a near-collapsed one stops at 100."""
+    from flame.loss import anisotropic_logit_scale
+
+    q, _ = torch.linalg.qr(torch.randn(64, 33, dtype=torch.float64))
+    mu, r = q[:, 0], q[:, 1:].T  # 32 orthonormal directions, all orthogonal to mu
+    for a2 in (0.5, 0.91):
+        x = (a2**0.5) * mu + ((1 - a2) ** 0.5) * r
+        brute = torch.stack([x[i] @ x[j] for i in range(32) for j in range(32) if i != j]).mean().item()
+        assert brute == pytest.approx(a2)
+        assert anisotropic_logit_scale(x.float() * 3.0) == pytest.approx(10 / (1 - brute) ** 0.5, rel=1e-5)
+    assert anisotropic_logit_scale(r.float()) == pytest.approx(10.0)  # orthogonal: mean cosine 0
+    assert anisotropic_logit_scale(mu.expand(8, -1).float()) == pytest.approx(100.0)  # identical: capped

@@ -89,6 +89,7 @@ def _base(root, out, *extra):
         ("key_overlap", "no overlap between shard keys and store keys"),
         ("positives", "--positives 5"),
         ("facets", "prompt set 'short' is not in the store"),
+        ("logit_scale", "--init-logit-scale must be a number in [1, 100] or auto"),
     ],
 )
 def test_bad_input_one_line_before_training(case, expect, small_set, tmp_path, capsys):
@@ -115,11 +116,40 @@ def test_bad_input_one_line_before_training(case, expect, small_set, tmp_path, c
         argv += ["--positives", "5"]
     elif case == "facets":
         argv += ["--facets", "short"]
+    elif case == "logit_scale":
+        argv += ["--init-logit-scale", "500"]
     code, err = _run(argv, capsys)
     assert code == 2
     assert expect in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (out / "log.jsonl").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_init_logit_scale_auto_follows_the_stores_spread(small_set, tmp_path, capsys):
+    """"auto" starts t at 10 / sqrt(1 - mean pairwise cosine) of the stored vectors; a number is used as
+    given. A learning rate of ~0 leaves t where it started, so the checkpoint shows it."""
+    from safetensors.torch import load_file
+
+    from flame.store import EmbeddingStore
+
+    store = EmbeddingStore(small_set / "store")
+    vecs = np.concatenate([store.get(n, slice(None)) for n in store.shards]).reshape(-1, store.dim)
+    vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    cos = vecs @ vecs.T
+    mean = (cos.sum() - len(vecs)) / (len(vecs) ** 2 - len(vecs))  # every vector: the sample is the whole store
+    expect = 10 / np.sqrt(1 - mean)
+    assert expect > 11  # the bag-of-words store is anisotropic enough for the test to mean something
+
+    def t_of(run):
+        state = load_file(str(run / "checkpoint-1" / "model.safetensors"))
+        return float(np.exp(state["logit_scale"].item()))
+
+    for spec, want in (("auto", expect), ("25", 25.0), (None, 10.0)):
+        out = tmp_path / f"run-{spec}"
+        extra = ["--steps", "1", "--lr", "1e-12", "--warmup", "0", "--save-every", "1"]
+        code, err = _run(_base(small_set, out, *extra, *(["--init-logit-scale", spec] if spec else [])), capsys)
+        assert code == 0, err
+        assert t_of(out) == pytest.approx(want, rel=1e-3), spec
 
 
 @pytest.mark.slow

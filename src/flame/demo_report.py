@@ -145,6 +145,7 @@ def write_report(demo, metrics: dict, timings: dict, skipped: list[str]) -> None
     plot_queries(demo, plots / "queries.png")
     s = demo.s
     llm = demo.llm_info
+    projector = "mean-pooled tokens, then the projector" if s.pool_first else "per-token projector"
     stage_line = ", ".join(f"{k} {v:.0f} s" + (" (cached)" if k in skipped else "") for k, v in timings.items())
     text = f"""# flame demo report
 
@@ -155,9 +156,10 @@ evaluation splits of {s.eval_size} images each (zero-shot: {s.zeroshot} images, 
 Text side: {s.llm}, layer {s.layer}, short set (3 facets) on the short caption and long set (7 facets)
 on the long caption; LLM dtype {llm.get('dtype', 'float32')} chosen by timing on this machine
 (fp32 {llm.get('float32', 0):.0f} tok/s, bf16 {llm.get('bfloat16', 0):.0f} tok/s). Evaluation texts use the
-`{s.eval_prompts}` prompt set. Both models: {s.tower} at {s.image_size} px, per-token projector
+`{s.eval_prompts}` prompt set. Both models: {s.tower} at {s.image_size} px, {projector}
 (hidden {s.proj_hidden}) to D, {s.steps} steps of batch {s.batch_size}, AdamW lr {s.lr:g}, warm-up {s.warmup},
-weight decay {s.weight_decay:g}, the same image stream. CLIP: open_clip TextTransformer
+weight decay {s.weight_decay:g}, the same image stream. FLAME's initial logit scale: {s.init_logit_scale}
+(`flame train --init-logit-scale`). CLIP: open_clip TextTransformer
 ({s.clip_text['layers']} layers, width {s.clip_text['width']}) trained from scratch with ClipLoss on the
 short captions.
 

@@ -78,6 +78,7 @@ class TrainConfig:
     # text side
     facets: str = "all"
     positives: int | None = None  # m (default min(6, eligible facets))
+    init_logit_scale: str = "10"  # initial t (a number), or "auto": scaled to the store's spread
     # optimisation (FLAME recipe)
     batch_size: int = 384  # per rank, per micro-step
     accum: int = 1
@@ -163,6 +164,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--facets", default=S,
                    help="eligible positives: all (default), prompt sets (short,long) or indices (0,2-5)")
     g.add_argument("--positives", "-m", type=int, default=S, help="positives sampled per image (default min(6, K))")
+    g.add_argument("--init-logit-scale", default=S, metavar="T|auto",
+                   help="initial logit scale t (default 10, the recipe); auto = 10 / sqrt(1 - c), c the mean "
+                        "pairwise cosine of stored vectors, for LLMs whose embeddings crowd into a cone")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=S, help="images per rank per micro-step (default 384)")
     g.add_argument("--accum", type=int, default=S, help="gradient accumulation micro-steps (default 1)")
@@ -236,6 +240,13 @@ def _at_least(lo):
     return (lambda v: v >= lo), f"must be >= {lo}"
 
 
+def _is_logit_scale(v: str) -> bool:
+    try:
+        return v == "auto" or 1.0 <= float(v) <= 100.0
+    except ValueError:
+        return False
+
+
 _POSITIVE = (lambda v: v > 0), "must be > 0"
 RULES: dict[str, tuple[Callable, str]] = {
     "data": ((lambda v: len(v) > 0), "is required (flag or config file)"),
@@ -250,6 +261,7 @@ RULES: dict[str, tuple[Callable, str]] = {
     "precision": ((lambda v: v in ("auto", "bf16", "fp32")), "must be auto, bf16 or fp32"),
     "workers": _at_least(0), "log_every": _at_least(1), "save_every": _at_least(1), "keep": _at_least(0),
     "max_nonfinite": _at_least(1), "eval_every": _at_least(1),
+    "init_logit_scale": (_is_logit_scale, "must be a number in [1, 100] or auto"),
 }
 
 
@@ -325,6 +337,7 @@ class Plan:
     samples: int
     resume_state: dict | None = None  # the checkpoint's state.pt (plain data), when resuming
     data: dict = field(default_factory=dict)  # what the data order depends on (kept in every checkpoint)
+    init_logit_scale: float = 10.0  # t at step 0 (resolved from "auto")
 
 
 def _step_of(path: Path) -> int | None:
@@ -507,7 +520,32 @@ def plan(cfg: TrainConfig) -> Plan:
                      "(pass --steps to change them)", epochs, steps, planned["total"])
             steps = int(planned["total"])
     warmup = min(cfg.warmup, steps // 5) if cfg.warmup >= steps else cfg.warmup
-    return Plan(cfg, check.usable, store, tower_config, eligible, m, steps, warmup, resume_from, samples, state, data)
+    init_t = _initial_logit_scale(cfg.init_logit_scale, store, check.usable, eligible) if state is None else 10.0
+    return Plan(cfg, check.usable, store, tower_config, eligible, m, steps, warmup, resume_from, samples, state, data,
+                init_t)
+
+
+def _initial_logit_scale(spec: str, store, shards: list[Path], eligible: list[int],
+                         sample: int = 2048) -> float:
+    """t at step 0: the given number, or for "auto" one measured on up to `sample` stored vectors
+    of the eligible facets, evenly spaced over the usable shards (the same on every rank)."""
+    from flame.data.shards import shard_name
+    from flame.loss import anisotropic_logit_scale
+
+    if spec != "auto":
+        return float(spec)
+    per = max(1, sample // max(1, len(shards) * len(eligible)))
+    vectors = []
+    for path in shards[:sample]:
+        n = int(store.array(shard_name(path)).shape[0])
+        rows = np.unique(np.linspace(0, n - 1, min(n, per)).astype(np.int64))
+        vectors.append(torch.from_numpy(store.get(shard_name(path), rows, eligible)).flatten(0, 1))
+        if sum(len(v) for v in vectors) >= sample:
+            break
+    texts = torch.cat(vectors)[:sample]
+    t = anisotropic_logit_scale(texts)
+    log.info("initial logit scale t = %.1f (auto, from %d stored vectors of the eligible facets)", t, len(texts))
+    return t
 
 
 # optimisation pieces
@@ -862,6 +900,8 @@ def _fit(cfg: TrainConfig, p: Plan, device: torch.device) -> int:
     torch.manual_seed(cfg.seed)
 
     model = FlameModel(p.tower_config, text_side(p.store.manifest))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(p.init_logit_scale))  # a resume loads the trained value over it
     if cfg.tower_init:
         info = model.visual.init_trunk_from(cfg.tower_init)
         if main:

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from flame.errors import FlameError
 from flame.fileio import write_atomic
 
-VERSION = 2  # bump when images or captions change: cached demo data is regenerated
+VERSION = 3  # bump when images or captions change: cached demo data is regenerated
 
 # ---- vocabulary ---------------------------------------------------------------------------
 # category -> paraphrase word, (French noun, gender), (German noun, gender, dative), (Spanish noun, gender)
@@ -77,8 +77,10 @@ PATTERNS: dict[str, str] = {  # pattern -> phrase in the long caption
     "dotted": "a dotted pattern of light spots",
     "checkered": "a checkered pattern of light squares",
 }
-SIZES = {"large": (13.0, 15.0), "medium-sized": (10.0, 11.5)}  # main object radius range (px at 64)
-MINOR_RADIUS = (7.0, 8.5)
+# Main object radius range (px at 64). Large objects are what a 3-block ViT with 8-px patches can learn the
+# shapes of in minutes: at radius 10-15 a supervised probe reached 0.35 accuracy in 400 steps, at 13.5-19.5 0.53.
+SIZES = {"large": (17.0, 19.5), "medium-sized": (13.5, 15.5)}
+MINOR_RADIUS = (6.0, 7.0)
 # position of the main object -> (relation word, where in the frame, main centre, minor centre) in [0, 1]
 POSITIONS: dict[str, tuple[str, str, tuple[float, float], tuple[float, float]]] = {
     "top": ("above", "near the top of the frame", (0.5, 0.32), (0.5, 0.79)),
