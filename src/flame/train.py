@@ -528,20 +528,20 @@ def plan(cfg: TrainConfig) -> Plan:
 def _initial_logit_scale(spec: str, store, shards: list[Path], eligible: list[int],
                          sample: int = 2048) -> float:
     """t at step 0: the given number, or for "auto" one measured on up to `sample` stored vectors
-    of the eligible facets, evenly spaced over the usable shards (the same on every rank)."""
+    of the eligible facets: rows evenly spaced within evenly spaced shards (the same on every rank)."""
     from flame.data.shards import shard_name
     from flame.loss import anisotropic_logit_scale
 
     if spec != "auto":
         return float(spec)
-    per = max(1, sample // max(1, len(shards) * len(eligible)))
+    rows_wanted = max(1, sample // len(eligible))
+    picked = shards[:: max(1, len(shards) // rows_wanted)][:rows_wanted]  # more shards than rows: one row each
+    per = max(1, rows_wanted // len(picked))
     vectors = []
-    for path in shards[:sample]:
+    for path in picked:
         n = int(store.array(shard_name(path)).shape[0])
         rows = np.unique(np.linspace(0, n - 1, min(n, per)).astype(np.int64))
         vectors.append(torch.from_numpy(store.get(shard_name(path), rows, eligible)).flatten(0, 1))
-        if sum(len(v) for v in vectors) >= sample:
-            break
     texts = torch.cat(vectors)[:sample]
     t = anisotropic_logit_scale(texts)
     log.info("initial logit scale t = %.1f (auto, from %d stored vectors of the eligible facets)", t, len(texts))
