@@ -1,16 +1,23 @@
-"""The `flame` command: one sub-command per pipeline stage plus `bench`.
+"""The `flame` command: the only module that knows argparse.
 
-Each sub-command lives in its own module exposing `add_arguments(parser)` and
-`run(args) -> int`; this file only wires them up and turns `FlameError` into one line.
+Each sub-command is a stage module named in `COMMANDS`. A module with one action exposes
+`Config` (a dataclass of `flame.config.setting` fields) and `main(cfg) -> int`; a module with
+several (`flame search index|query`, `flame bench facets|store|train`) exposes
+`ACTIONS = {name: (Config, main, help)}`. Optional `DESCRIPTION` and `EPILOG` strings fill the
+help page. Every flag, its "(default ...)" text and `--config FILE` are generated here from the
+dataclass; a `FlameError` becomes one line and exit 2 (a traceback only with `--debug`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
+import os
 import sys
 
+from flame import config as settings
 from flame.errors import FlameError
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
@@ -23,20 +30,140 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("flame.search", "index a photo folder with a trained model, query it with text, HTML contact sheet"),
     "demo": ("flame.demo", "generated scenes -> embed -> train -> eval, FLAME beside a CLIP baseline, with a report"),
 }
+S = argparse.SUPPRESS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors (unknown flag, missing value) also end as one line and exit 2."""
+
+    def error(self, message: str):
+        raise FlameError(f"{message} (see {self.prog} --help)")
+
+
+def _bool_type(s: str) -> bool:
+    try:
+        return settings.parse_bool(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _help(f: dataclasses.Field) -> str:
+    text, shown = f.metadata.get("help", ""), settings.shown_default(f)
+    return f"{text} (default {shown})" if shown and "(default" not in text else text
+
+
+def add_field(parser, f: dataclasses.Field, hint) -> None:
+    """One dataclass field as one argparse option (values stay text: `flame.config` converts)."""
+    meta = f.metadata
+    kw: dict = dict(default=S, help=_help(f), dest=f.name)
+    if meta.get("metavar") is not None:
+        kw["metavar"] = meta["metavar"]
+    if meta.get("choices"):
+        kw["choices"] = meta["choices"]
+    base = _unoptional(hint)
+    origin = getattr(base, "__origin__", None)
+    if meta.get("positional"):
+        kw.pop("dest")
+        parser.add_argument(f.name, nargs="+" if origin is list else None, **kw)
+        return
+    names = [settings.flag_of(f), *meta.get("aliases", ())]
+    if base is bool and meta.get("negate"):
+        parser.add_argument(meta["negate"], action="store_false", **kw)
+        if meta.get("optional_value") is MISSING_:
+            return
+    if base is bool:
+        if meta.get("optional_value") is not MISSING_:
+            parser.add_argument(*names, type=_bool_type, nargs="?", const=True, **kw)
+        elif not meta.get("negate"):
+            parser.add_argument(*names, action="store_true", **kw)
+        return
+    if origin is list:
+        kw["nargs"] = "+"
+    elif origin is tuple:
+        kw["nargs"] = len(base.__args__)
+    elif meta.get("optional_value") is not MISSING_:
+        kw.update(nargs="?", const=meta["optional_value"])
+    parser.add_argument(*names, **kw)
+
+
+MISSING_ = dataclasses.MISSING
+
+
+def _unoptional(hint):
+    args = getattr(hint, "__args__", ())
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return hint
+
+
+def add_config(parser: argparse.ArgumentParser, cls) -> None:
+    """Every field of `cls` as a flag (grouped as declared), plus `--config FILE`."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = settings.hints(cls)
+    for f in settings.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        name = f.metadata.get("group", "options")
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        add_field(groups[name], f, hints[f.name])
+    parser.add_argument("--config", default=S, metavar="FILE",
+                        help="YAML file of settings (keys: the flag names, - or _); flags given override it")
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Field defaults < --config FILE < the flags given, converted and range-checked. A class
+    whose `--config` meant something else before (flame convert's release config) names that
+    field in CONFIG_ALIAS: a value that is not a .yaml/.yml file goes there."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "config", "action")}
+    config_file = getattr(args, "config", None)
+    alias = getattr(cls, "CONFIG_ALIAS", None)
+    if alias and config_file and not str(config_file).lower().endswith((".yaml", ".yml")):
+        given.setdefault(alias, config_file)
+        config_file = None
+    return settings.build(cls, given, config_file)
+
+
+def _describe(parser: argparse.ArgumentParser, module, help_text: str) -> None:
+    parser.description = getattr(module, "DESCRIPTION", None) or help_text
+    if getattr(module, "EPILOG", None):
+        parser.epilog = module.EPILOG
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _add_command(sub, name: str, module_name: str, help_text: str, load: bool):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--debug", action="store_true", default=S, help="show full tracebacks")
+    if not load:  # only the chosen command pays for its imports
+        return
+    module = importlib.import_module(module_name)
+    if hasattr(module, "add_arguments"):  # a module not yet moved to a Config dataclass
+        module.add_arguments(p)
+        p.set_defaults(_run=(None, module.run))
+        return
+    _describe(p, module, help_text)
+    actions = getattr(module, "ACTIONS", None)
+    if actions is None:
+        add_config(p, module.Config)
+        p.set_defaults(_run=(module.Config, module.main))
+        return
+    inner = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=_Parser)
+    for action, (cls, fn, action_help) in actions.items():
+        q = inner.add_parser(action, help=action_help, description=getattr(cls, "DESCRIPTION", action_help))
+        q.add_argument("--debug", action="store_true", default=S, help="show full tracebacks")
+        add_config(q, cls)
+        q.set_defaults(_run=(cls, fn))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flame",
         description="FLAME: train CLIP-style image encoders against a frozen LLM's multi-facet embeddings.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-        if name == command:  # only the chosen command pays for its imports
-            importlib.import_module(module).add_arguments(p)
+        _add_command(sub, name, module, help_text, load=name == command)
     return parser
 
 
@@ -47,8 +174,6 @@ def _chosen_command(argv: list[str]) -> str | None:
 def _quiet_libraries() -> None:
     """Our own progress bars and log lines say what is happening; library bars and advice
     (weight loading, tokenizer hints) would bury them and break the one-line error rule."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from transformers.utils import logging as hf_logging
@@ -60,7 +185,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     command = _chosen_command(argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -70,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+        cls, fn = args._run
+        del args._run
+        return int(fn(args if cls is None else config_from_args(cls, args)) or 0)
     except FlameError as e:
         if debug:
             raise

@@ -22,7 +22,6 @@ read with `torch.load(weights_only=True)`: a pickle that would run code is refus
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -30,10 +29,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from flame.config import setting
 from flame.errors import FlameError
-from flame.release import RELEASE_LAYER, RELEASE_LLM, release_text_side, torch_load_safe
+from flame.release import RELEASE_LAYER, RELEASE_LLM, release_text_side
 from flame.vision import TowerConfig
+from flame.weights import load_torch
 
 DEFAULT_CONFIG = "FLAME-Mistral-Nemo-ViT-B-16"
 
@@ -188,7 +190,7 @@ def read_release_state(path: str | Path) -> dict:
         except Exception as e:
             raise FlameError(f"cannot read {path} as safetensors ({e.__class__.__name__})") from None
     else:
-        obj = torch_load_safe(path, "checkpoint", mmap=True)
+        obj = load_torch(path, "checkpoint", mmap=True)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -339,25 +341,31 @@ its LLM's weights, so none is recorded here: any local copy given as the LLM is 
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOG.format(configs=", ".join(RELEASE_CONFIGS), llm=RELEASE_LLM, layer=RELEASE_LAYER)
-    parser.add_argument("checkpoint", metavar="RELEASE_CHECKPOINT", help="the release's .pt checkpoint file")
-    parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="FlameModel folder to write")
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        help=f"release model config the checkpoint was trained with, or a release JSON file (default {DEFAULT_CONFIG})",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+DESCRIPTION = "The FLAME release's open_clip checkpoint -> a FlameModel folder that FlameModel.from_pretrained loads."
+EPILOG = EPILOG.format(configs=", ".join(RELEASE_CONFIGS), llm=RELEASE_LLM, layer=RELEASE_LAYER)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Config:
+    """`flame convert` settings."""
+
+    CONFIG_ALIAS: ClassVar[str] = "release_config"  # `--config NAME|JSON` (not YAML) still names the release config
+
+    checkpoint: str = setting("", positional=True, metavar="RELEASE_CHECKPOINT", required=True,
+                              help="the release's .pt checkpoint file")
+    out: str = setting("", metavar="MODEL_DIR", required=True, help="FlameModel folder to write")
+    release_config: str = setting(DEFAULT_CONFIG, metavar="NAME|JSON",
+                                  help="release model config the checkpoint was trained with, or a release JSON file "
+                                       "(also accepted as --config NAME|JSON)")
+    overwrite: bool = setting(False, help="replace an existing --out folder")
+
+
+def main(cfg: Config) -> int:
     t0 = time.perf_counter()
-    s = convert(args.checkpoint, args.out, args.config, overwrite=args.overwrite)
+    s = convert(cfg.checkpoint, cfg.out, cfg.release_config, overwrite=cfg.overwrite)
     bias = "" if s["logit_bias"] else "; no logit_bias in the checkpoint (default kept; unused at inference)"
     print(
-        f"flame convert: {s['config']} -> {args.out}: {s['tensors']} tensors ({s['params'] / 1e6:,.1f}M values); "
+        f"flame convert: {s['config']} -> {cfg.out}: {s['tensors']} tensors ({s['params'] / 1e6:,.1f}M values); "
         f"left out {s['dropped_head']} unused head tensors (visual.ln_post, visual.proj) and {s['dropped_llm']} "
         f"LLM tensors (text.*){bias}; text side {s['llm']} layer {','.join(map(str, s['layer']))}, continue positions, "
         f"no LLM fingerprint recorded (the release has none); {time.perf_counter() - t0:.1f} s"

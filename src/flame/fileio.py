@@ -13,25 +13,13 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 from pathlib import Path
+
+from flame.faults import durable_step
 
 TMP_SUFFIX = ".tmp"
 # errors from fsync on a folder that mean "this filesystem does not do that", not a failure
 _DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EISDIR, errno.EACCES}
-_steps = 0  # test hook counter, see _step()
-
-
-def _step() -> None:
-    """Fault injection for the kill tests: with FLAME_TEST_KILL_AT=N the process SIGKILLs
-    itself at the N-th durable step (before and after each rename) of this process."""
-    target = os.environ.get("FLAME_TEST_KILL_AT")
-    if not target:
-        return
-    global _steps
-    _steps += 1
-    if _steps == int(target):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_file(path: str | Path) -> None:
@@ -79,9 +67,9 @@ def replace(src: str | Path, dst: str | Path) -> None:
         fsync_tree(src)
     else:
         fsync_file(src)
-    _step()
+    durable_step()
     os.replace(src, dst)
-    _step()
+    durable_step()
     fsync_dir(dst.parent)
 
 
@@ -95,9 +83,9 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    _step()
+    durable_step()
     os.replace(tmp, path)
-    _step()
+    durable_step()
     fsync_dir(path.parent)
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
-import re
 import sys
 import tarfile
 import time
@@ -35,6 +33,7 @@ from flame.data.shards import shard_name
 from flame.errors import FlameError
 from flame.prompts import PROMPT_SETS
 from flame.store import EmbeddingStore, NonFiniteShard
+from flame.weights import load_torch
 
 RELEASE_LLM = "mistralai/Mistral-Nemo-Instruct-2407"
 RELEASE_LAYER = 39  # 1-based decoder block: the output of block 39 of 40
@@ -81,49 +80,11 @@ def release_manifest(dim: int, dtype: str) -> dict:
     }
 
 
-# ---- safe reading -------------------------------------------------------------------------
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if m:
-        return f"it asks to import {m.group(1)}"
-    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    line = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{e.__class__.__name__}: {line[:160]}" if line else e.__class__.__name__
-
-
-def torch_load_safe(path: str | Path, what: str, mmap: bool = False):
-    """torch.load(weights_only=True) with one-line FlameErrors: a pickle that would run code
-    is refused (never executed), an unreadable file is named. `mmap` maps tensors instead
-    of reading them (falls back to a plain read for old, non-zip files)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FlameError(f"{what} {path} does not exist")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a pickle of ours at all: garbage or damaged
-            raise FlameError(f"cannot read {what} {path} as a PyTorch file ({_first_line(e)})") from None
-        raise FlameError(
-            f"refused to load {what} {path}: it is not plain tensor data and would run code when unpickled "
-            f"({_first_line(e)}); only weights_only files are read"
-        ) from None
-    except Exception as e:  # zip / EOF / format errors all mean the same thing to the user
-        raise FlameError(f"cannot read {what} {path} as a PyTorch file ({_first_line(e)})") from None
-
-
 def read_release_vectors(path: Path, k: int | None, dim: int | None) -> np.ndarray:
     """One release .pth -> a numpy [k, dim] array of its values (float16 as the release stores)."""
     import torch
 
-    t = torch_load_safe(path, "release embedding file")
+    t = load_torch(path, "release embedding file")
     if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
         found = f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise FlameError(f"release embedding file {path}: expected a float tensor [11, D], found {found}")
