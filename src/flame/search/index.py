@@ -1,36 +1,12 @@
-"""`flame search`: text-to-image search over your own photo folder with a trained FLAME model.
-
-    flame search index PHOTOS --model RUN [--index DIR]
-    flame search query "a long description ..." --model RUN [--index DIR] [-k 10] [--html FILE]
-
-The index (default PHOTOS/.flame-index) is an embedding store (`flame.store`) with K = 1:
-
-    manifest.json                 format flame-embeddings, kind flame-image-index, the model's
-                                  weight fingerprint, D, the image transform
-    shards/batch-NNNNNN.npy       fp16 vectors of the photos one indexing run encoded
-    shards/batch-NNNNNN.keys.json their paths relative to PHOTOS
-    files.json                    the live entries: path -> size, mtime_ns, shard, row. Written
-                                  last and atomically: it is the commit point of a run
-
-A rerun encodes only photos that are new or whose size or modification time changed, reuses
-every other vector, and forgets deleted photos. Every COMMIT_EVERY photos a shard and files.json
-are committed, so a killed run resumes from there. Shards left without live rows are removed and
-mostly-dead shards are compacted. Unreadable photos are skipped and counted.
-"""
+"""The photo index of `flame search` (format: see the package docstring) and the query over it."""
 
 from __future__ import annotations
 
-import argparse
-import base64
-import fcntl
-import html
-import io
 import json
 import os
 import re
 import sys
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +16,7 @@ import torch
 from flame.data.images import IMAGE_EXTS, open_image
 from flame.errors import FlameError
 from flame.fileio import write_atomic
+from flame.lock import FileLock
 
 PHOTO_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)  # jpg jpeg png webp bmp
 INDEX_NAME = ".flame-index"
@@ -235,63 +212,56 @@ def build_index(
     if not photos.is_dir():
         raise FlameError(f"{photos} is not a folder of photos")
     index = Path(index) if index is not None else photos / INDEX_NAME
-    with _lock(index):
+    index.mkdir(parents=True, exist_ok=True)
+    # one indexer per index at a time (flame.lock: the kernel drops the lock if the process dies)
+    with FileLock(index / ".lock", busy=f"index {index} is being updated by another flame search index",
+                  hint="wait for it"):
         return _update(photos, model, index, batch_size, workers, rebuild, progress)
 
 
-@contextmanager
-def _lock(index: Path):
-    """One indexer per index at a time (an flock the kernel drops if the process dies)."""
-    index.mkdir(parents=True, exist_ok=True)
-    with open(index / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FlameError(f"index {index} is being updated by another flame search index; wait for it") from None
-        except OSError:
-            pass  # no flock on this filesystem: the user runs one indexer at a time
-        yield
+class _Run:
+    """One indexing run: the photos found, the live entries so far, the vectors not yet committed."""
 
+    def __init__(self, photos: Path, index: Path, store, found: dict[str, tuple[int, int]]):
+        self.photos, self.index, self.store, self.found = photos, index, store, found
+        self.report = IndexReport(photos=len(found))
+        self.files: dict[str, dict] = {}
+        self.keys: list[str] = []
+        self.vectors: list[np.ndarray] = []
 
-def _update(photos: Path, model, index: Path, batch_size: int, workers: int, rebuild: bool,
-            progress: bool) -> IndexReport:
-    store = _open_index(index, model, rebuild)
-    store.clean_temporaries()
-    found = scan_photos(photos, skip=index)
-    old, _ = _read_files(index)
-    shards = set(store.shards)
-    report = IndexReport(photos=len(found))
-    files: dict[str, dict] = {}
-    todo: list[str] = []
-    for rel, (size, mtime) in found.items():
-        e = old.get(rel)
-        if e and e.get("size") == size and e.get("mtime_ns") == mtime and e.get("shard") in shards:
-            files[rel] = e
-        else:
-            todo.append(rel)
-    report.reused = len(files)
-    report.removed = sum(rel not in found for rel in old)
-    keys: list[str] = []
-    vectors: list[np.ndarray] = []
+    def reuse(self, old: dict[str, dict]) -> list[str]:
+        """Keep the entries of unchanged photos; -> the photos to encode."""
+        shards = set(self.store.shards)
+        todo: list[str] = []
+        for rel, (size, mtime) in self.found.items():
+            e = old.get(rel)
+            if e and e.get("size") == size and e.get("mtime_ns") == mtime and e.get("shard") in shards:
+                self.files[rel] = e
+            else:
+                todo.append(rel)
+        self.report.reused = len(self.files)
+        self.report.removed = sum(rel not in self.found for rel in old)
+        return todo
 
-    def commit() -> None:
+    def commit(self) -> None:
         """A shard of the photos encoded so far, then files.json: a killed run keeps them."""
-        if keys:
-            name = _next_shard(store)
-            store.write_shard(name, keys, np.concatenate(vectors)[:, None])
-            for row, rel in enumerate(keys):
-                size, mtime = found[rel]
-                files[rel] = {"size": size, "mtime_ns": mtime, "shard": name, "row": row}
-            report.encoded += len(keys)
-            keys.clear()
-            vectors.clear()
-        _write_files(index, dict(sorted(files.items())), photos)
+        if self.keys:
+            name = _next_shard(self.store)
+            self.store.write_shard(name, self.keys, np.concatenate(self.vectors)[:, None])
+            for row, rel in enumerate(self.keys):
+                size, mtime = self.found[rel]
+                self.files[rel] = {"size": size, "mtime_ns": mtime, "shard": name, "row": row}
+            self.report.encoded += len(self.keys)
+            self.keys.clear()
+            self.vectors.clear()
+        _write_files(self.index, dict(sorted(self.files.items())), self.photos)
 
-    if todo:
+    def encode(self, model, todo: list[str], batch_size: int, workers: int, progress: bool) -> None:
+        """Encode `todo` in DataLoader workers, committing every COMMIT_EVERY photos."""
         from tqdm import tqdm
 
         loader = torch.utils.data.DataLoader(
-            _Photos(photos, todo, model.transform(), model.image_size),
+            _Photos(self.photos, todo, model.transform(), model.image_size),
             batch_size=batch_size,
             num_workers=workers,
         )
@@ -299,19 +269,29 @@ def _update(photos: Path, model, index: Path, batch_size: int, workers: int, reb
                    dynamic_ncols=True)
         for idx, images, ok in loader:
             bad = [todo[int(i)] for i in idx[~ok]]
-            report.unreadable.extend(bad)
+            self.report.unreadable.extend(bad)
             for rel in bad:
                 bar.write(f"flame search: cannot read {rel} (skipped)", file=sys.stderr)
             if ok.any():
-                vectors.append(model.encode_image(images[ok]).cpu().numpy())
-                keys.extend(todo[int(i)] for i in idx[ok])
+                self.vectors.append(model.encode_image(images[ok]).cpu().numpy())
+                self.keys.extend(todo[int(i)] for i in idx[ok])
             bar.update(len(idx))
-            if len(keys) >= COMMIT_EVERY:
-                commit()
+            if len(self.keys) >= COMMIT_EVERY:
+                self.commit()
         bar.close()
-    commit()
-    _collect_garbage(store, files, photos)
-    return report
+
+
+def _update(photos: Path, model, index: Path, batch_size: int, workers: int, rebuild: bool,
+            progress: bool) -> IndexReport:
+    store = _open_index(index, model, rebuild)
+    store.clean_temporaries()
+    run = _Run(photos, index, store, scan_photos(photos, skip=index))
+    todo = run.reuse(_read_files(index)[0])
+    if todo:
+        run.encode(model, todo, batch_size, workers, progress)
+    run.commit()
+    _collect_garbage(store, run.files, photos)
+    return run.report
 
 
 def _reader(index: Path, model=None):
@@ -356,125 +336,3 @@ def search(model, index: Path, query: str, k: int = 10, prompts: str | None = No
     scores = _reading(index, lambda: _per_photo(store, files, rels, lambda v: v @ q, ()))
     top = np.argsort(-scores, kind="stable")[:k]
     return prompts, [(float(scores[i]), rels[i]) for i in top], len(rels), root
-
-
-# ---------------------------------------------------------------------------------------
-# HTML contact sheet
-# ---------------------------------------------------------------------------------------
-def _thumbnail(path: Path, size: int = 256) -> str | None:
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with open_image(path.read_bytes()) as im:
-                im = im.convert("RGB")
-                im.thumbnail((size, size), Image.BICUBIC)
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=85)
-    except (OSError, ValueError, SyntaxError):
-        return None
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def contact_sheet(query: str, prompts: str, hits: list[tuple[float, str]], photos: Path, model_name: str) -> str:
-    """A self-contained HTML page: inline JPEG thumbnails, every text HTML-escaped."""
-    e = html.escape
-    cards = []
-    for rank, (score, rel) in enumerate(hits, 1):
-        thumb = _thumbnail(photos / rel)
-        img = (f'<img src="data:image/jpeg;base64,{thumb}" alt="{e(rel)}">' if thumb
-               else '<div class="missing">cannot read this photo</div>')
-        cards.append(f'<figure>{img}<figcaption><b>#{rank}</b> {score:.4f}<br>{e(rel)}</figcaption></figure>')
-    return (
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>flame search: {e(query)}</title>"
-        "<style>body{font-family:sans-serif;margin:1.5em}"
-        ".grid{display:flex;flex-wrap:wrap;gap:12px}"
-        "figure{margin:0;width:260px}img{max-width:256px;max-height:256px;display:block}"
-        "figcaption{font-size:13px;word-break:break-all}.missing{width:256px;height:96px;background:#eee}"
-        "</style></head><body>\n"
-        f"<h1>flame search</h1><p><b>query:</b> {e(query)}</p>"
-        f"<p>prompt set: {e(prompts)} &middot; model: {e(model_name)} &middot; {len(hits)} results</p>\n"
-        f"<div class=\"grid\">\n" + "\n".join(cards) + "\n</div></body></html>\n"
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="M",
-                   help="run folder (its latest checkpoint) or checkpoint folder")
-    p.add_argument("--index", type=Path, metavar="DIR",
-                   help="index folder (default: PHOTOS/.flame-index; for query ./.flame-index)")
-    p.add_argument("--device", default="auto", help="where the image tower runs (default: cuda if present, else cpu)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "examples:\n"
-        "  flame search index ~/Photos --model runs/cc3m-b16\n"
-        "  flame search query 'two children fly a red kite on a windy beach' --model runs/cc3m-b16 \\\n"
-        "      --index ~/Photos/.flame-index -k 20 --html kite.html\n"
-    )
-    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    p = sub.add_parser("index", help="encode every photo under a folder (a rerun adds only new or changed ones)",
-                       description="Encode every photo (jpg, jpeg, png, webp, bmp) under PHOTOS, recursively. "
-                       "A rerun encodes only new or changed photos (size or modification time).")
-    p.add_argument("photos", type=Path, metavar="PHOTOS", help="folder of photos")
-    _model_args(p)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader workers decoding photos (default: min(4, CPUs))")
-    p.add_argument("--rebuild", action="store_true", help="replace an index built with another model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    q = sub.add_parser("query", help="find the photos that best match a text",
-                       description="Print the top matches for a text, best first, with cosine scores.")
-    q.add_argument("text", help="the query: a phrase, a long description, any language the LLM reads")
-    _model_args(q)
-    q.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    q.add_argument("--prompts", default=None, metavar="raw|short|long|FILE",
-                   help=f"prompt set for the query (default: long for more than one sentence, more than {LONG_WORDS} "
-                   f"words or more than {LONG_CHARS} characters, else raw)")
-    q.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML contact sheet")
-    q.add_argument("--llm", help="override the LLM spec recorded in the model (e.g. a local copy)")
-    q.add_argument("--llm-device", help="where the LLM runs if a text must be encoded (default: cuda if present)")
-    q.add_argument("--force-llm", action="store_true", help="accept an LLM whose weight fingerprint differs")
-    q.add_argument("--cache-dir", type=Path, help="text-vector cache (default: $FLAME_CACHE/text)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from flame.distributed import resolve_device
-    from flame.model import FlameModel
-
-    if args.action == "index":
-        if not args.photos.is_dir():
-            raise FlameError(f"{args.photos} is not a folder of photos")
-        if args.batch_size < 1 or args.workers < 0:
-            raise FlameError("--batch-size must be >= 1 and --workers >= 0")
-        model = FlameModel.from_pretrained(args.model, device=resolve_device(args.device))
-        index = args.index or args.photos / INDEX_NAME
-        r = build_index(args.photos, model, index, args.batch_size, args.workers, args.rebuild,
-                        progress=not args.no_progress)
-        print(f"{r.photos} photos: {r.encoded} encoded, {r.reused} unchanged, {len(r.unreadable)} unreadable "
-              f"(skipped), {r.removed} removed; index {index}")
-        return 0
-    if args.k < 1:
-        raise FlameError("-k must be >= 1")
-    model = FlameModel.from_pretrained(
-        args.model, device=resolve_device(args.device), llm=args.llm, llm_device=args.llm_device,
-        force_llm=args.force_llm, cache_dir=args.cache_dir,
-    )
-    index = args.index or Path(INDEX_NAME)
-    prompts, hits, n, photos = search(model, index, args.text, args.k, args.prompts)
-    print(f"{n} photos under {photos or index.parent}; query ({prompts} prompts): {args.text}")
-    for rank, (score, rel) in enumerate(hits, 1):
-        print(f"{rank:>4}  {score:7.4f}  {rel}")
-    if args.html:
-        args.html.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.html, contact_sheet(args.text, prompts, hits, photos or index.parent, str(args.model)))
-        print(f"wrote {args.html}")
-    return 0
