@@ -120,3 +120,27 @@ def test_bench_help_shows_the_dataclass_defaults(capsys, action, texts):
     out = " ".join(capsys.readouterr().out.split())
     assert e.value.code == 0 and "--config FILE" in out
     assert all(t in out for t in texts), out
+
+
+def test_benchmark_scripts_import_nothing_from_tests_and_their_helpers_run(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from flame.benchmarks.learning import bag_of_words_store, heldout_r1
+    from flame.data.synthetic import write_shards
+    from flame.model import FlameModel
+    from flame.vision import TowerConfig
+
+    for script in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
+        tree = ast.parse(script.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [n for n in names if n.split(".")[0] in ("tests", "conftest") or n.startswith("test_")], script
+        assert "sys.path" not in script.read_text(), script
+
+    shards = write_shards(tmp_path / "held", 16, shard_size=16, size=32, seed=2)
+    store = bag_of_words_store(shards, tmp_path / "store", dim=16, k=2)
+    assert store.k == 2 and store.dim == 16
+    FlameModel(TowerConfig("vit-tiny", embed_dim=16, proj_hidden=16, image_size=32)).save(tmp_path / "model")
+    r1, n = heldout_r1(tmp_path / "model", tmp_path / "store", shards[0])
+    assert 0.0 <= r1 <= 1.0 and 1 <= n <= 16
