@@ -349,10 +349,6 @@ def make_loader(config: StreamConfig, workers: int, pin_memory: bool = False) ->
     )
 
 
-def shards_as_str(paths: Sequence[Path]) -> list[str]:
-    return [str(p) for p in paths]
-
-
 __all__ = [
     "StreamConfig",
     "TrainStream",
