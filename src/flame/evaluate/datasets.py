@@ -32,7 +32,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
 from flame.evaluate.classtexts import class_texts, read_lines
 from flame.evaluate.task_names import canonical_task
 
@@ -193,7 +193,7 @@ def _wds_items(shard: Path, kind: str) -> list[Item]:
                 elif ext in IMAGE_EXTS:
                     s["image"] = True
     except (tarfile.TarError, OSError) as e:
-        raise FlameError(f"cannot read {shard}: {e}") from e
+        raise FlameError(f"cannot read {shard}: {first_line(e)}") from e
     items = []
     for key, s in samples.items():
         if kind == "retrieval":
@@ -267,7 +267,7 @@ def _rows(table: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise FlameError(f"{table}:{n} is not valid JSON: {e}") from e
+                    raise FlameError(f"{table}:{n} is not valid JSON: {first_line(e)}") from e
         return rows
     return list(csv.DictReader(io.StringIO(text)))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from flame.data.images import decode_or_blank
 from flame.errors import FlameError, first_line
 from flame.evaluate.datasets import IMAGE_EXTS, EvalDataset, Item
 from flame.fileio import write_atomic
@@ -38,17 +39,7 @@ def default_cache_dir() -> Path:
 
 
 def _decode(data: bytes | str, transform: Callable, size: int) -> tuple[torch.Tensor, bool]:
-    from flame.data.images import open_image
-
-    try:  # the training stream's rules: expected formats only, bounded pixel count
-        if isinstance(data, str):
-            with open(data, "rb") as f:
-                data = f.read()
-        img = open_image(data)
-        img.load()
-        return transform(img), True
-    except Exception:
-        return torch.zeros(3, size, size), False
+    return decode_or_blank(data, transform, size)
 
 
 class FileImages(torch.utils.data.Dataset):

@@ -6,15 +6,14 @@ import json
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flame.data.images import IMAGE_EXTS, open_image
-from flame.errors import FlameError
+from flame.data.images import IMAGE_EXTS, decode_or_blank
+from flame.errors import FlameError, first_line
 from flame.fileio import write_atomic
 from flame.lock import FileLock
 
@@ -72,13 +71,8 @@ class _Photos(torch.utils.data.Dataset):
         return len(self.rels)
 
     def __getitem__(self, i: int):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with open_image((self.root / self.rels[i]).read_bytes()) as im:
-                    return i, self.transform(im), True
-        except (OSError, ValueError, SyntaxError):  # unreadable, undecodable, truncated, too large
-            return i, torch.zeros(3, self.size, self.size), False
+        image, ok = decode_or_blank(self.root / self.rels[i], self.transform, self.size)
+        return i, image, ok
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,7 +307,8 @@ def _reading(index: Path, fn):
     try:
         return fn()
     except (FlameError, KeyError, OSError) as e:
-        raise FlameError(f"index {index} is incomplete or changed while reading it ({e}); rerun the command") from e
+        raise FlameError(f"index {index} is incomplete or changed while reading it ({first_line(e)}); "
+                         "rerun the command") from e
 
 
 def load_index(index: Path, model=None) -> tuple[list[str], np.ndarray, Path | None]:
