@@ -6,16 +6,12 @@ run as the learning test, per-token projection vs pool-then-project, held-out R@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from test_train import bag_of_words_store, heldout_r1  # noqa: E402
-
-from flame.cli import main as flame  # noqa: E402
-from flame.data.synthetic import combos, write_shards  # noqa: E402
+from flame.benchmarks.learning import bag_of_words_store, heldout_r1
+from flame.cli import main as flame
+from flame.data.synthetic import combos, write_shards
 
 
 def main() -> None:

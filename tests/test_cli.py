@@ -75,3 +75,72 @@ def test_bench_facets_reports_the_figures(tiny_llm_dir, tmp_path, capsys):
     assert figures["max_rel_diff"] <= 1e-4
     assert 3.0 < figures["token_bound"] < 7.0  # ~150-token captions, 7 facets
     assert 100 <= figures["caption_tokens_mean"] <= 200
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("samples: lots\n", "--samples (samples): expected a whole number, got 'lots'"),
+        ("dim: 0\n", "--dim must be >= 1 (got 0)"),
+        ("m: 12\n", "--m 12 is more than the --k 11 embeddings per sample"),
+        ("json: [a, b]\n", "--json (json): expected a path"),
+    ],
+)
+def test_bench_store_config_file_bad_value_is_one_line(capsys, tmp_path, yaml_text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml_text)
+    code, _, err = run_cli(capsys, "bench", "store", "--config", str(bad))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_bench_store_figures_from_a_config_file(capsys, tmp_path):
+    settings = tmp_path / "store.yaml"
+    settings.write_text(f"samples: 24\ndim: 8\nshard-size: 10\nbatch: 6\nbatches: 2\njson: {tmp_path / 'a.json'}\n")
+    code, out, err = run_cli(capsys, "bench", "store", "--config", str(settings), "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert not (tmp_path / "a.json").exists()  # the flag overrides the file
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert figures["samples"] == 24 and figures["dim"] == 8 and figures["read_facets_per_sample"] == 6
+    assert figures["files_per_sample_fp16"] == 2 * 3 / 24 and figures["int8_cosine_min"] > 0.9
+    assert "read_speedup" in out and "flame bench store" in out
+
+
+@pytest.mark.parametrize(
+    "action, texts",
+    [
+        ("facets", ["(default smollm2-135m)", "(default long)", "(default 64)", "{sdpa,eager}"]),
+        ("store", ["(default 1000)", "(default 5120)", "(default a temp dir)", "--json FILE"]),
+        ("train", ["-m POSITIVES", "(default 6)", "(default 768)", "--json FILE"]),
+    ],
+)
+def test_bench_help_shows_the_dataclass_defaults(capsys, action, texts):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", action, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "--config FILE" in out
+    assert all(t in out for t in texts), out
+
+
+def test_benchmark_scripts_import_nothing_from_tests_and_their_helpers_run(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from flame.benchmarks.learning import bag_of_words_store, heldout_r1
+    from flame.data.synthetic import write_shards
+    from flame.model import FlameModel
+    from flame.vision import TowerConfig
+
+    for script in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
+        tree = ast.parse(script.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [n for n in names if n.split(".")[0] in ("tests", "conftest") or n.startswith("test_")], script
+        assert "sys.path" not in script.read_text(), script
+
+    shards = write_shards(tmp_path / "held", 16, shard_size=16, size=32, seed=2)
+    store = bag_of_words_store(shards, tmp_path / "store", dim=16, k=2)
+    assert store.k == 2 and store.dim == 16
+    FlameModel(TowerConfig("vit-tiny", embed_dim=16, proj_hidden=16, image_size=32)).save(tmp_path / "model")
+    r1, n = heldout_r1(tmp_path / "model", tmp_path / "store", shards[0])
+    assert 0.0 <= r1 <= 1.0 and 1 <= n <= 16

@@ -130,7 +130,7 @@ def test_index_then_reindex_encodes_only_new_or_changed(photos, model_dir, count
 
 def test_query_prints_ranked_matches_and_writes_escaped_html(photos, model_dir, capsys, tmp_path, monkeypatch):
     assert _index(photos, model_dir, capsys, "--workers", "0")[0] == 0
-    monkeypatch.setattr("flame.search.BLOCK", 2)  # scores are computed in blocks of stored rows
+    monkeypatch.setattr("flame.search.index.BLOCK", 2)  # scores are computed in blocks of stored rows
     html_file = tmp_path / "sheet" / "out.html"
     query = "a <b>bold</b> & noisy photo"
     code = flame_main(["search", "query", query, "--model", str(model_dir), "--index", str(photos / ".flame-index"),
@@ -247,8 +247,9 @@ def test_dead_rows_are_dropped_and_compacted_without_reencoding(photos, model_di
 
 def test_a_killed_index_run_keeps_its_committed_photos(photos, model_dir, monkeypatch, capsys):
     import flame.search as search
+    import flame.search.index
 
-    monkeypatch.setattr(search, "COMMIT_EVERY", 2)
+    monkeypatch.setattr(flame.search.index, "COMMIT_EVERY", 2)
     original = FlameModel.encode_image
     calls = {"n": 0}
 
@@ -274,3 +275,43 @@ def test_help_explains_each_action(action, capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--model" in out and "--index" in out
     assert ("--prompts" in out and "more than 20" in out) if action == "query" else "new or changed" in out
+
+
+@pytest.mark.parametrize(
+    "action, yaml_text, message",
+    [
+        ("index", "batch_size: abc\n", "--batch-size (batch_size): expected a whole number, got 'abc'"),
+        ("index", "workers: -1\n", "--workers must be >= 0 (got -1)"),
+        ("query", "k: many\n", "-k (k): expected a whole number, got 'many'"),
+        ("query", "k: 0\n", "-k must be >= 1 (got 0)"),
+        ("query", "force-llm: sometimes\n", "--force-llm (force_llm): expected true or false"),
+    ],
+)
+def test_config_file_bad_value_is_one_line_exit_2(action, yaml_text, message, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {tmp_path / 'nowhere'}\n" + yaml_text)
+    positional = str(tmp_path) if action == "index" else "a dog"
+    capsys.readouterr()
+    code = flame_main(["search", action, positional, "--config", str(bad)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+
+def test_config_file_settings_and_help_defaults(tmp_path, capsys):
+    from flame import config
+    from flame.search import IndexConfig, QueryConfig
+
+    f = tmp_path / "q.yaml"
+    f.write_text("model: run\nk: 3\nhtml: out/sheet.html\n")
+    cfg = config.build(QueryConfig, {"text": "a kite", "k": "5"}, f)
+    assert (cfg.k, cfg.html, cfg.text, cfg.index) == (5, Path("out/sheet.html"), "a kite", None)
+    cfg = config.build(IndexConfig, {"photos": "p", "model": "m"})
+    assert (cfg.workers, cfg.batch_size, cfg.progress, cfg.rebuild) == (None, 64, True, False)
+    for action, texts in (("index", ["(default 64)", "(default min(4, CPUs))", "(default PHOTOS/.flame-index)",
+                                     "--no-progress", "--rebuild"]),
+                          ("query", ["-k K", "(default 10)", "(default ./.flame-index)", "(default auto)"])):
+        with pytest.raises(SystemExit):
+            flame_main(["search", action, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert all(t in out for t in texts), (action, out)

@@ -4,13 +4,16 @@ on that ratio (naive tokens / packed tokens), and how far apart the two results 
 
 from __future__ import annotations
 
-import argparse
 import random
 import threading
 import time
+from dataclasses import dataclass
 
 import psutil
 import torch
+
+from flame.benchmarks.base import BenchConfig, report
+from flame.config import at_least, setting
 
 _WORDS = (
     "a an the old young small large red blue green yellow wooden stone glass bright dark quiet busy "
@@ -79,28 +82,35 @@ def _timed(encoder, captions, packed: bool, device: torch.device):
     return out, seconds, encoder.tokens - tokens0, peak
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--llm", default="smollm2-135m", help="LLM spec (default: the built-in smollm2-135m)")
-    parser.add_argument("--prompts", default="long", help="prompt set name or file (default: long)")
-    parser.add_argument("--layer", type=int, default=-2, help="decoder block (1-based, negative from the top)")
-    parser.add_argument("--captions", type=int, default=64, help="number of synthetic captions (default 64)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per path; the fastest counts")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention implementation")
+@dataclass
+class Config(BenchConfig):
+    """`flame bench facets` settings."""
+
+    llm: str = setting("smollm2-135m", help="LLM spec (a built-in name, hub id, folder or GGUF file)")
+    prompts: str = setting("long", help="prompt set name or file")
+    layer: int = setting(-2, help="decoder block (1-based, negative from the top)")
+    captions: int = setting(64, check=at_least(1), help="number of synthetic captions")
+    repeats: int = setting(2, check=at_least(1), help="timed runs per path; the fastest counts")
+    device: str | None = setting(None, shown="cuda if available", help="cpu, cuda, cuda:1 ...")
+    attn: str = setting("sdpa", choices=("sdpa", "eager"), help="attention implementation")
 
 
-def run(args: argparse.Namespace) -> dict:
+def main(cfg: Config) -> int:
+    return report("facets", run(cfg), cfg.json)
+
+
+def run(cfg: Config) -> dict:
     from flame.facets import FacetEncoder
     from flame.llm import load_llm
 
-    model, tokenizer = load_llm(args.llm, device=args.device, attn_implementation=args.attn)
+    model, tokenizer = load_llm(cfg.llm, device=cfg.device, attn_implementation=cfg.attn)
     device = next(model.parameters()).device
-    encoder = FacetEncoder(model, tokenizer, prompts=args.prompts, layer=args.layer)
-    captions = make_captions(tokenizer, n=args.captions)
+    encoder = FacetEncoder(model, tokenizer, prompts=cfg.prompts, layer=cfg.layer)
+    captions = make_captions(tokenizer, n=cfg.captions)
     encoder.encode(captions[:4])
     encoder.encode(captions[:4], packed=False)  # warm-up both paths
     best = {}
-    for _ in range(args.repeats):
+    for _ in range(cfg.repeats):
         for packed in (False, True):
             out, seconds, tokens, peak = _timed(encoder, captions, packed, device)
             if packed not in best or seconds < best[packed][1]:
@@ -108,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     (naive, t_naive, tok_naive, mem_naive), (packed, t_packed, tok_packed, mem_packed) = best[False], best[True]
     caption_tokens = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions]
     return {
-        "llm": args.llm,
+        "llm": cfg.llm,
         "device": str(device),
         "dtype": str(model.dtype).replace("torch.", ""),
         "facets": encoder.k,

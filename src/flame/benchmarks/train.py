@@ -18,27 +18,42 @@ All in one process, side by side, interleaved round by round (medians), on a tin
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flame.benchmarks.base import BenchConfig, report
+from flame.config import at_least, setting
+from flame.errors import FlameError
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=64, help="tower input size (default 64)")
-    p.add_argument("--source-size", type=int, default=160, help="stored JPEG size (default 160)")
-    p.add_argument("--dim", type=int, default=576, help="text dim D (default 576 = SmolLM2-135M)")
-    p.add_argument("--k", type=int, default=11, help="facets per sample in the store (default 11)")
-    p.add_argument("-m", "--positives", type=int, default=6)
-    p.add_argument("--proj-hidden", type=int, default=576, help="projector hidden H (default 576)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
-    p.add_argument("--workers", type=int, default=2, help="data-loader processes (default 2)")
-    p.add_argument("--samples", type=int, default=768, help="samples in the generated shards")
+
+@dataclass
+class Config(BenchConfig):
+    """`flame bench train` settings."""
+
+    batch_size: int = setting(64, check=at_least(1), help="samples per step")
+    image_size: int = setting(64, check=at_least(1), help="tower input size")
+    source_size: int = setting(160, check=at_least(1), help="stored JPEG size")
+    dim: int = setting(576, check=at_least(1), help="text dim D (576 = SmolLM2-135M)")
+    k: int = setting(11, check=at_least(1), help="facets per sample in the store")
+    positives: int = setting(6, aliases=("-m",), check=at_least(1), help="facets sampled per image (m)")
+    proj_hidden: int = setting(576, check=at_least(1), help="projector hidden H")
+    rounds: int = setting(7, check=at_least(1), help="interleaved timing rounds")
+    workers: int = setting(2, check=at_least(0), help="data-loader processes")
+    samples: int = setting(768, check=at_least(1), help="samples in the generated shards")
+
+    def check(self) -> None:
+        if self.positives > self.k:
+            raise FlameError(f"--positives {self.positives} is more than the --k {self.k} facets per sample")
+
+
+def main(cfg: Config) -> int:
+    return report("train", run(cfg), cfg.json)
 
 
 def _store(root: Path, shards: list[Path], k: int, dim: int):
@@ -65,100 +80,113 @@ def _time(fn, n: int = 1) -> float:
     return (time.perf_counter() - t) / n
 
 
-def run(args: argparse.Namespace) -> dict:
-    from flame.data.images import StreamConfig, make_loader, normalize_images
+def _loader_rate(cfg: Config) -> tuple[float, dict]:
+    """-> (samples/s of `flame train`'s DataLoader alone, one batch of it)."""
+    from flame.data.images import StreamConfig, make_loader
     from flame.data.synthetic import write_shards
-    from flame.loss import MultiPositiveSigmoidLoss
-    from flame.model import FlameModel
-    from flame.train import lr_lambda, param_groups
-    from flame.vision import TowerConfig
 
-    torch.manual_seed(0)
-    B, D, m = args.batch_size, args.dim, args.positives
+    B = cfg.batch_size
     with tempfile.TemporaryDirectory(prefix="flame-bench-train-") as tmp:
         root = Path(tmp)
-        shards = write_shards(root / "shards", args.samples, shard_size=max(1, args.samples // 4),
-                              size=args.source_size, seed=0)
-        store = _store(root, shards, args.k, D)
-        stream = StreamConfig(shards=[str(s) for s in shards], store=str(store.path), image_size=args.image_size,
-                              batch_size=B, m=m, eligible=list(range(args.k)))
-        loader = iter(make_loader(stream, args.workers))
+        shards = write_shards(root / "shards", cfg.samples, shard_size=max(1, cfg.samples // 4),
+                              size=cfg.source_size, seed=0)
+        store = _store(root, shards, cfg.k, cfg.dim)
+        stream = StreamConfig(shards=[str(s) for s in shards], store=str(store.path), image_size=cfg.image_size,
+                              batch_size=B, m=cfg.positives, eligible=list(range(cfg.k)))
+        loader = iter(make_loader(stream, cfg.workers))
         batch = next(loader)  # warm: workers started, first batch decoded
-        n_batches = max(4, args.samples // B)
+        n_batches = max(4, cfg.samples // B)
         t0 = time.perf_counter()
         for _ in range(n_batches):
             next(loader)
-        loader_rate = n_batches * B / (time.perf_counter() - t0)
+        rate = n_batches * B / (time.perf_counter() - t0)
         del loader
+    return rate, batch
 
-    def build(pool_first: bool):
-        torch.manual_seed(0)
-        model = FlameModel(TowerConfig("vit-tiny", embed_dim=D, proj_hidden=args.proj_hidden, pool_first=pool_first,
-                                       image_size=args.image_size))
-        return model
 
-    images_u8, texts16 = batch["images"], batch["texts"]
-    model = build(False)
-    images = normalize_images(images_u8, model.mean, model.std)
-    target = torch.nn.functional.normalize(torch.randn(D), dim=0)
+def _model(cfg: Config, pool_first: bool):
+    from flame.model import FlameModel
+    from flame.vision import TowerConfig
 
-    bare_model = build(False)
-    bare_opt = torch.optim.AdamW(bare_model.visual.parameters(), lr=5e-4, betas=(0.9, 0.95), eps=1e-8,
-                                 weight_decay=0.5)
+    torch.manual_seed(0)
+    return FlameModel(TowerConfig("vit-tiny", embed_dim=cfg.dim, proj_hidden=cfg.proj_hidden, pool_first=pool_first,
+                                  image_size=cfg.image_size))
 
-    def bare_step():
-        emb = bare_model.visual(images)
+
+def _bare_step(cfg: Config, images: torch.Tensor):
+    """The tower alone on pre-normalised images, a trivial loss, AdamW over the tower."""
+    from flame.data.images import normalize_images
+
+    model = _model(cfg, False)
+    x = normalize_images(images, model.mean, model.std)
+    target = torch.nn.functional.normalize(torch.randn(cfg.dim), dim=0)
+    opt = torch.optim.AdamW(model.visual.parameters(), lr=5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.5)
+
+    def step():
+        emb = model.visual(x)
         (emb @ target).mean().backward()
-        bare_opt.step()
-        bare_opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    def full_step_for(model):
-        opt = torch.optim.AdamW(param_groups(model, 0.5), lr=5e-4, betas=(0.9, 0.95), eps=1e-8)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, 10_000, 0.0))
-        loss_fn = MultiPositiveSigmoidLoss()
+    return step
 
-        def step():
-            x = normalize_images(images_u8, model.mean, model.std)
-            out = model(x)
-            loss = loss_fn(out["image"], texts16.float(), out["logit_scale"], out["logit_bias"])
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            model.clamp_()
 
-        return step
+def _full_step(cfg: Config, images: torch.Tensor, texts16: torch.Tensor, pool_first: bool):
+    """What `flame train` runs per micro-batch once the batch is in memory."""
+    from flame.data.images import normalize_images
+    from flame.loss import MultiPositiveSigmoidLoss
+    from flame.train import lr_lambda, param_groups
 
-    full_step = full_step_for(model)
-    pool_step = full_step_for(build(True))
-    for fn in (bare_step, full_step, pool_step):  # warm-up (allocator, oneDNN kernels)
+    model = _model(cfg, pool_first)
+    opt = torch.optim.AdamW(param_groups(model, 0.5), lr=5e-4, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, 10_000, 0.0))
+    loss_fn = MultiPositiveSigmoidLoss()
+
+    def step():
+        x = normalize_images(images, model.mean, model.std)
+        out = model(x)
+        loss = loss_fn(out["image"], texts16.float(), out["logit_scale"], out["logit_bias"])
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        model.clamp_()
+
+    return step
+
+
+def run(cfg: Config) -> dict:
+    torch.manual_seed(0)
+    loader_rate, batch = _loader_rate(cfg)
+    images, texts16 = batch["images"], batch["texts"]
+    steps = {"bare": _bare_step(cfg, images), "full": _full_step(cfg, images, texts16, False),
+             "pool": _full_step(cfg, images, texts16, True)}
+    for fn in steps.values():  # warm-up (allocator, oneDNN kernels)
         fn()
         fn()
-    bare, full, pool = [], [], []
-    for _ in range(args.rounds):
-        bare.append(_time(bare_step))
-        full.append(_time(full_step))
-        pool.append(_time(pool_step))
-    ratios = [f / b for f, b in zip(full, bare)]
-    pool_ratios = [f / p for f, p in zip(full, pool)]
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(cfg.rounds):
+        for name, fn in steps.items():
+            times[name].append(_time(fn))
+    bare, full, pool = times["bare"], times["full"], times["pool"]
     t_bare, t_full, t_pool = statistics.median(bare), statistics.median(full), statistics.median(pool)
-    step_rate = B / t_full
+    step_rate = cfg.batch_size / t_full
     return {
-        "step_overhead": statistics.median(ratios),
+        "step_overhead": statistics.median([f / b for f, b in zip(full, bare)]),
         "loader_samples_per_s": loader_rate,
         "step_samples_per_s": step_rate,
-        "pool_first_speedup": statistics.median(pool_ratios),
+        "pool_first_speedup": statistics.median([f / p for f, p in zip(full, pool)]),
         "loader_vs_step": loader_rate / step_rate,
         "bare_step_ms": 1000 * t_bare,
         "full_step_ms": 1000 * t_full,
         "pool_first_step_ms": 1000 * t_pool,
-        "batch_size": B,
-        "image_size": args.image_size,
-        "dim": D,
-        "k": args.k,
-        "m": m,
-        "proj_hidden": args.proj_hidden,
-        "loader_workers": args.workers,
+        "batch_size": cfg.batch_size,
+        "image_size": cfg.image_size,
+        "dim": cfg.dim,
+        "k": cfg.k,
+        "m": cfg.positives,
+        "proj_hidden": cfg.proj_hidden,
+        "loader_workers": cfg.workers,
         "torch_threads": torch.get_num_threads(),
-        "rounds": args.rounds,
+        "rounds": cfg.rounds,
     }

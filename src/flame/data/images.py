@@ -140,6 +140,21 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img
 
 
+def decode_or_blank(source: bytes | str | Path, transform, size: int) -> tuple[torch.Tensor, bool]:
+    """`transform(image)` of encoded bytes or an image file, or (zeros [3, size, size], False)
+    when it cannot be read or decoded: how evaluation and `flame search` treat a bad image
+    (skipped and counted, never fatal), under the training stream's rules (`open_image`)."""
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_image(data) as img:
+                img.load()
+                return transform(img), True
+    except Exception:  # unreadable, undecodable, truncated, too large, or a transform that fails on it
+        return torch.zeros(3, size, size), False
+
+
 def load_image(
     data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0), max_pixels: int = MAX_PIXELS
 ) -> torch.Tensor:
@@ -347,10 +362,6 @@ def make_loader(config: StreamConfig, workers: int, pin_memory: bool = False) ->
     return torch.utils.data.DataLoader(
         TrainStream(config), batch_size=None, num_workers=workers, pin_memory=pin_memory, **kwargs
     )
-
-
-def shards_as_str(paths: Sequence[Path]) -> list[str]:
-    return [str(p) for p in paths]
 
 
 __all__ = [

@@ -4,9 +4,10 @@
     ds = load_dataset("wds_imagenet1k", task="zeroshot-classification", language="it")
     result = evaluate(model, ds, task="zeroshot-classification")   # {"dataset", "model", "task", "language", "metrics"}
 
-Modules: datasets (three formats), images (image vectors in DataLoader workers, cached),
-metrics (CLIP_benchmark's definitions), tasks (evaluate, Suite), cli (`flame eval`),
-during (the `flame train --eval` hook).
+Modules, each importing only those before it: task_names (the task spellings), classtexts (class
+names and templates in any language), datasets (three formats), images (image vectors in
+DataLoader workers, cached), metrics (CLIP_benchmark's definitions), tasks (evaluate, Suite),
+during (the `flame train --eval` hook), cli (`flame eval`: its Config and main).
 """
 
 from __future__ import annotations

@@ -11,105 +11,142 @@ load) without evaluating, e.g. before `flame train --eval suite.yaml`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from flame.config import at_least, setting
 from flame.errors import FlameError
+from flame.evaluate.task_names import canonical_task
 
 log = logging.getLogger("flame.evaluate")
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Evaluate a FLAME model: zero-shot classification, image-text retrieval or a linear probe, on the "
-        "CLIP_benchmark webdataset layout, a class-folder image set or a CSV/JSONL caption table. "
-        "Metrics and JSON as CLIP_benchmark defines them."
-    )
-    p.add_argument("--model", metavar="M", help="run folder (latest checkpoint) or checkpoint/model folder")
-    p.add_argument("--task", help="zeroshot-classification | retrieval | linear-probe (default: by the dataset)")
-    p.add_argument("--dataset", metavar="PATH", help="dataset folder or CSV/JSONL file")
-    p.add_argument("--suite", metavar="FILE",
-                   help="YAML list of {dataset, task, language?, prompts?, name?, dataset_name?, templates?}")
-    p.add_argument("--language", help="class-name / caption language (default en; tables: all rows)")
-    p.add_argument("--dataset-name", help="CLIP_benchmark's name of the dataset (for shipped multilingual "
-                                          "class names; default: the folder name without wds_)")
-    p.add_argument("--templates", metavar="FILE|NAME",
-                   help="zero-shot templates when the dataset has none: a file ({c} per line) or a shipped set")
-    p.add_argument("--prompts", help="raw | short | long | a prompt-set file (default: raw for class prompts "
-                                     "and short captions, long for long English captions)")
-    p.add_argument("--output", metavar="FILE", help="write the results as JSON (a list for a suite)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers (default 2)")
-    p.add_argument("--device", default="auto", help="where the image tower runs: auto (default), cpu, cuda")
-    p.add_argument("--llm", metavar="SPEC", help="LLM to load instead of the recorded one (same weights)")
-    p.add_argument("--llm-device", help="where the LLM runs when texts are not cached (default: --device)")
-    p.add_argument("--force-llm", action="store_true",
-                   help="accept an LLM whose weight fingerprint differs from the model's")
-    p.add_argument("--prepare", action="store_true", help="only compute and cache the suite's text vectors")
-    p.add_argument("--embeddings", metavar="STORE", help="--prepare: take the text side from this embedding store")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+DESCRIPTION = (
+    "Evaluate a FLAME model: zero-shot classification, image-text retrieval or a linear probe, on the "
+    "CLIP_benchmark webdataset layout, a class-folder image set or a CSV/JSONL caption table. "
+    "Metrics and JSON as CLIP_benchmark defines them."
+)
+EPILOG = """\
+examples:
+  flame eval --model RUN --task zeroshot-classification --dataset wds_imagenet1k [--language it]
+  flame eval --model RUN --task retrieval --dataset captions.jsonl [--prompts long] --output r.json
+  flame eval --model RUN --suite suite.yaml --output results.json
+  flame eval --prepare --suite suite.yaml (--model RUN | --embeddings STORE) [--llm SPEC]
+"""
 
 
-def _entries(args):
-    from flame.evaluate.tasks import Suite, SuiteEntry, canonical_task
+@dataclass
+class Config:
+    """`flame eval` settings; `check()` holds the rules between them."""
 
-    if args.suite:
-        if args.dataset:
+    model: str | None = setting(None, metavar="M", group="what",
+                                help="run folder (latest checkpoint) or checkpoint/model folder")
+    task: str | None = setting(None, group="what", shown="by the dataset",
+                               help="zeroshot-classification | retrieval | linear-probe")
+    dataset: str | None = setting(None, metavar="PATH", group="what", help="dataset folder or CSV/JSONL file")
+    suite: str | None = setting(None, metavar="FILE", group="what",
+                                help="YAML list of {dataset, task, language?, prompts?, name?, dataset_name?, "
+                                     "templates?}")
+    language: str | None = setting(None, group="texts", shown="en; tables: all rows",
+                                   help="class-name / caption language")
+    dataset_name: str | None = setting(None, group="texts", shown="the folder name without wds_",
+                                       help="CLIP_benchmark's name of the dataset (for shipped multilingual "
+                                            "class names)")
+    templates: str | None = setting(None, metavar="FILE|NAME", group="texts",
+                                    help="zero-shot templates when the dataset has none: a file ({c} per line) "
+                                         "or a shipped set")
+    prompts: str | None = setting(None, group="texts",
+                                  shown="raw for class prompts and short captions, long for long English captions",
+                                  help="raw | short | long | a prompt-set file")
+    output: str | None = setting(None, metavar="FILE", group="what",
+                                 help="write the results as JSON (a list for a suite)")
+    batch_size: int = setting(64, check=at_least(1), group="running", help="images per batch")
+    workers: int = setting(2, check=at_least(0), group="running", help="image-decoding DataLoader workers")
+    device: str = setting("auto", group="running", help="where the image tower runs: auto, cpu, cuda")
+    llm: str | None = setting(None, metavar="SPEC", group="texts",
+                              help="LLM to load instead of the recorded one (same weights)")
+    llm_device: str | None = setting(None, group="texts", shown="--device",
+                                     help="where the LLM runs when texts are not cached")
+    force_llm: bool = setting(False, group="texts",
+                              help="accept an LLM whose weight fingerprint differs from the model's")
+    prepare: bool = setting(False, group="what", help="only compute and cache the suite's text vectors")
+    embeddings: str | None = setting(None, metavar="STORE", group="what",
+                                     help="--prepare: take the text side from this embedding store")
+    progress: bool = setting(True, negate="--no-progress", group="running", help="no progress bars")
+
+    def check(self) -> None:
+        """The rules between settings, all before a dataset, model or LLM is read."""
+        if self.task:
+            canonical_task(self.task)
+        if self.suite and self.dataset:
             raise FlameError("give --dataset or --suite, not both")
-        entries = Suite.from_file(args.suite).entries
-        for e in entries:
-            e.language = e.language or args.language
-            e.prompts = e.prompts or args.prompts
-            e.task = e.task or args.task
-        return entries
-    if not args.dataset:
-        raise FlameError("--dataset PATH (or --suite FILE) is required")
-    if args.task:
-        canonical_task(args.task)
-    return [SuiteEntry(args.dataset, args.task, args.language, args.prompts, None, args.dataset_name, args.templates)]
+        if not self.suite and not self.dataset:
+            raise FlameError("--dataset PATH (or --suite FILE) is required")
+        if not self.prepare:
+            if not self.model:
+                raise FlameError("--model is required (a run folder or a checkpoint folder)")
+            return
+        if self.model and self.embeddings:
+            raise FlameError("--prepare takes --model or --embeddings, not both")
+        if not self.model and not self.embeddings:
+            raise FlameError("--prepare needs --model M or --embeddings STORE (the text side to encode with)")
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.workers < 0:
-        raise FlameError("--batch-size must be >= 1 and --workers >= 0")
-    entries = _entries(args)
-    if args.prepare:
-        return prepare(args, entries)
-    if not args.model:
-        raise FlameError("--model is required (a run folder or a checkpoint folder)")
-    from flame.distributed import resolve_device
-    from flame.evaluate.tasks import evaluate
-    from flame.model import FlameModel
+def _entries(cfg: Config) -> list:
+    from flame.evaluate.tasks import Suite, SuiteEntry
 
-    datasets = [checked(e) for e in entries]  # every dataset problem before the model is loaded
-    device = resolve_device(args.device)
-    model = FlameModel.from_pretrained(args.model, device=device, llm=args.llm,
-                                       llm_device=args.llm_device or str(device), force_llm=args.force_llm)
-    results = []
-    for e, ds in zip(entries, datasets):
-        result = evaluate(model, ds, e.task, e.prompts, batch_size=args.batch_size, workers=args.workers,
-                          progress=args.progress)
-        result["name"] = e.label(ds)
-        results.append(result)
-    model.text_encoder.unload()
+    if not cfg.suite:
+        return [SuiteEntry(cfg.dataset, cfg.task, cfg.language, cfg.prompts, None, cfg.dataset_name, cfg.templates)]
+    entries = Suite.from_file(cfg.suite).entries
+    for e in entries:
+        e.language = e.language or cfg.language
+        e.prompts = e.prompts or cfg.prompts
+        e.task = e.task or cfg.task
+    return entries
+
+
+def main(cfg: Config) -> int:
+    entries = _entries(cfg)
+    if cfg.prepare:
+        return prepare(cfg, entries)
+    results = run_entries(cfg, entries)
     print(format_table(results))
-    if args.output:
+    if cfg.output:
         from flame.fileio import write_atomic
 
-        out = Path(args.output)
+        out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, json.dumps(results[0] if len(results) == 1 and not args.suite else results, indent=2)
+        write_atomic(out, json.dumps(results[0] if len(results) == 1 and not cfg.suite else results, indent=2)
                      + "\n")
         print(f"results in {out}")
     return 0
 
 
+def run_entries(cfg: Config, entries: list) -> list[dict]:
+    """Every entry's result (CLIP_benchmark's shape plus `name`), with one model load."""
+    from flame.distributed import resolve_device
+    from flame.evaluate.tasks import evaluate
+    from flame.model import FlameModel
+
+    datasets = [checked(e) for e in entries]  # every dataset problem before the model is loaded
+    device = resolve_device(cfg.device)
+    model = FlameModel.from_pretrained(cfg.model, device=device, llm=cfg.llm,
+                                       llm_device=cfg.llm_device or str(device), force_llm=cfg.force_llm)
+    results = []
+    for e, ds in zip(entries, datasets):
+        result = evaluate(model, ds, e.task, e.prompts, batch_size=cfg.batch_size, workers=cfg.workers,
+                          progress=cfg.progress)
+        result["name"] = e.label(ds)
+        results.append(result)
+    model.text_encoder.unload()
+    return results
+
+
 def checked(entry):
     """Load an entry's dataset description and check it can run its task (class names, templates)."""
-    from flame.evaluate.tasks import canonical_task, class_prompts, default_task
+    from flame.evaluate.tasks import class_prompts, default_task
 
     ds = entry.load()
     if (canonical_task(entry.task) if entry.task else default_task(ds)) == "zeroshot_classification":
@@ -118,29 +155,26 @@ def checked(entry):
 
 
 def text_side_of(model: str | None, store: str | None) -> dict:
+    """The text side to encode with: the model's, else the embedding store's (`Config.check`
+    lets exactly one through)."""
     from flame.model import FlameModel, resolve_model_folder, text_side
+    from flame.store import EmbeddingStore
 
-    if model and store:
-        raise FlameError("--prepare takes --model or --embeddings, not both")
     if model:
         return FlameModel.read_config(resolve_model_folder(model)).get("text") or {}
-    if store:
-        from flame.store import EmbeddingStore
-
-        return text_side(EmbeddingStore(store).manifest)
-    raise FlameError("--prepare needs --model M or --embeddings STORE (the text side to encode with)")
+    return text_side(EmbeddingStore(store).manifest)
 
 
-def prepare(args, entries) -> int:
+def prepare(cfg: Config, entries: list) -> int:
     from flame.distributed import resolve_device
     from flame.evaluate.during import prepare_texts
     from flame.textenc import TextEncoder
 
-    text = text_side_of(args.model, args.embeddings)
-    device = args.llm_device or str(resolve_device(args.device))
-    encoder = TextEncoder(text, device=device, llm=args.llm, force=args.force_llm)
+    text = text_side_of(cfg.model, cfg.embeddings)
+    device = cfg.llm_device or str(resolve_device(cfg.device))
+    encoder = TextEncoder(text, device=device, llm=cfg.llm, force=cfg.force_llm)
     try:
-        counts = prepare_texts(entries, encoder, text, progress=args.progress)
+        counts = prepare_texts(entries, encoder, text, progress=cfg.progress)
     finally:
         encoder.unload()
     for label, (n, new, prompts) in counts.items():

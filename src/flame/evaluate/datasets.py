@@ -18,11 +18,9 @@
     column (`caption`, `captions`, `text`, `txt`) holding one caption or a list (a JSON list in
     CSV), and optionally `language`/`lang`. Rows repeating an image add captions to it.
 
-Other languages (classification): `DIR/classnames_{lang}.txt` and
-`DIR/zeroshot_classification_templates_{lang}.txt` if present, else the clip-benchmark package's
-`{lang}_classnames.json` / `{lang}_zeroshot_classification_templates.json` under the dataset's
-name (the folder name without `wds_`/`wds-` and `_test`, or `name=`). Images are decoded later
-by `images.py`, in DataLoader workers.
+Other languages (classification): see `classtexts.py`, which looks the class names up under
+the dataset's CLIP_benchmark name (the folder name without `wds_`/`wds-` and `_test`, or
+`name=`). Images are decoded later by `images.py`, in DataLoader workers.
 """
 
 from __future__ import annotations
@@ -34,7 +32,9 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
+from flame.evaluate.classtexts import class_texts, read_lines
+from flame.evaluate.task_names import canonical_task
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 FILE_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -113,7 +113,8 @@ def load_dataset(path: str | Path, task: str | None = None, language: str | None
         _select_language(ds, language)
     else:
         ds.language = language or "en"
-        _class_texts(ds, templates)
+        texts = class_texts(ds.path, ds.name, ds.language, ds.classnames, ds.templates, templates)
+        ds.classnames, ds.templates, ds.template_error = texts.classnames, texts.templates, texts.error
     if task is not None:
         _check_task(ds, task)
     return ds
@@ -134,8 +135,6 @@ def dataset_name(path: Path) -> str:
 
 
 def _check_task(ds: EvalDataset, task: str) -> None:
-    from flame.evaluate.tasks import canonical_task
-
     task = canonical_task(task)
     if task == "zeroshot_retrieval" and ds.kind != "retrieval":
         raise FlameError(f"{ds.path} is a classification set (labels, no captions); use zeroshot-classification "
@@ -147,10 +146,6 @@ def _check_task(ds: EvalDataset, task: str) -> None:
 # ---- (a) webdataset layout ----------------------------------------------------------------------
 def _is_wds(path: Path) -> bool:
     return path.is_dir() and any((path / s / "nshards.txt").is_file() for s in ("test", "train"))
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def _read_wds(path: Path) -> EvalDataset:
@@ -174,9 +169,9 @@ def _read_wds(path: Path) -> EvalDataset:
         splits[split] = [it for s in shards for it in _wds_items(s, kind)]
     if "test" not in splits:
         raise FlameError(f"{path} has no test split (test/nshards.txt)")
-    classnames = _read_lines(path / "classnames.txt") if (path / "classnames.txt").is_file() else None
+    classnames = read_lines(path / "classnames.txt") if (path / "classnames.txt").is_file() else None
     tfile = path / "zeroshot_classification_templates.txt"
-    templates = _read_lines(tfile) if tfile.is_file() else None
+    templates = read_lines(tfile) if tfile.is_file() else None
     return EvalDataset(path, path.name, "wds", kind, splits, classnames=classnames, templates=templates)
 
 
@@ -198,7 +193,7 @@ def _wds_items(shard: Path, kind: str) -> list[Item]:
                 elif ext in IMAGE_EXTS:
                     s["image"] = True
     except (tarfile.TarError, OSError) as e:
-        raise FlameError(f"cannot read {shard}: {e}") from e
+        raise FlameError(f"cannot read {shard}: {first_line(e)}") from e
     items = []
     for key, s in samples.items():
         if kind == "retrieval":
@@ -245,11 +240,11 @@ def _read_folder(path: Path) -> EvalDataset:
         for split, folder in split_dirs.items()
     }
     cfile = path / "classnames.txt"
-    classnames = _read_lines(cfile) if cfile.is_file() else [n.replace("_", " ") for n in names]
+    classnames = read_lines(cfile) if cfile.is_file() else [n.replace("_", " ") for n in names]
     if len(classnames) != len(names):
         raise FlameError(f"{cfile} lists {len(classnames)} classes but {path} has {len(names)} class folders")
     tfile = path / "zeroshot_classification_templates.txt"
-    templates = _read_lines(tfile) if tfile.is_file() else None
+    templates = read_lines(tfile) if tfile.is_file() else None
     return EvalDataset(path, path.name, "folder", "classification", splits, classnames=classnames,
                        templates=templates)
 
@@ -272,7 +267,7 @@ def _rows(table: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise FlameError(f"{table}:{n} is not valid JSON: {e}") from e
+                    raise FlameError(f"{table}:{n} is not valid JSON: {first_line(e)}") from e
         return rows
     return list(csv.DictReader(io.StringIO(text)))
 
@@ -342,98 +337,3 @@ READERS = [
     ("table", lambda p: _table_file(p) is not None, _read_table),
     ("folder", _is_folder, _read_folder),
 ]
-
-
-# ------------------------------------------------------------------------------------------------
-# class names and templates (English from the dataset, other languages from clip-benchmark)
-# ------------------------------------------------------------------------------------------------
-def _package_dir() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("clip_benchmark")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets"
-
-
-def shipped_languages() -> list[str]:
-    folder = _package_dir()
-    if folder is None:
-        return []
-    return sorted(p.name[: -len("_classnames.json")] for p in folder.glob("*_classnames.json"))
-
-
-def _shipped(kind: str, language: str, ds: EvalDataset) -> tuple[object | None, list[str]]:
-    """(value for the dataset or None, the dataset names the file has) from `{lang}_{kind}.json`."""
-    folder = _package_dir()
-    f = folder / f"{language}_{kind}.json" if folder else None
-    if f is None or not f.is_file():
-        return None, []
-    table = json.loads(f.read_text(encoding="utf-8"))
-    for key in (ds.name, ds.name.split("/")[-1], ds.name.replace("/", "-")):
-        if key in table:
-            return table[key], sorted(table)
-    return None, sorted(table)
-
-
-def _template_set(spec: str, language: str, ds: EvalDataset) -> list[str]:
-    p = Path(spec).expanduser()
-    if p.is_file():
-        return _read_lines(p)
-    value, names = _shipped("zeroshot_classification_templates", language, EvalDataset(ds.path, spec, "", "", {}))
-    if value is None:
-        raise FlameError(f"--templates {spec}: not a file, nor a template set shipped for language {language!r} "
-                         f"(shipped: {', '.join(names) or 'none'})")
-    return list(value)
-
-
-def _class_texts(ds: EvalDataset, templates_spec: str | None) -> None:
-    lang = ds.language or "en"
-    root = ds.path if ds.path.is_dir() else ds.path.parent
-    n_classes = len(ds.classnames) if ds.classnames else None
-    if lang != "en":
-        own = root / f"classnames_{lang}.txt"
-        if own.is_file():
-            ds.classnames = _read_lines(own)
-        else:
-            languages = shipped_languages()
-            if lang not in languages:
-                raise FlameError(
-                    f"no class names in language {lang!r}: the clip-benchmark package ships class names in "
-                    f"{', '.join(languages) or 'no language'}; or add {own.name} to {root}"
-                )
-            names, known = _shipped("classnames", lang, ds)
-            if names is None:
-                raise FlameError(
-                    f"the clip-benchmark package has no {lang!r} class names for dataset {ds.name!r} (it has them for "
-                    f"{', '.join(known)}); name the dataset with --dataset-name or add {own.name} to {root}"
-                )
-            ds.classnames = list(names)
-        if n_classes is not None and len(ds.classnames) != n_classes:
-            raise FlameError(f"{len(ds.classnames)} {lang!r} class names for {ds.name!r}, but the dataset has "
-                             f"{n_classes} classes")
-        own_t = root / f"zeroshot_classification_templates_{lang}.txt"
-        if templates_spec:
-            ds.templates = _template_set(templates_spec, lang, ds)
-        elif own_t.is_file():
-            ds.templates = _read_lines(own_t)
-        else:
-            ds.templates, _ = _shipped("zeroshot_classification_templates", lang, ds)
-        where = f"{own_t.name} in {root} or a shipped {lang!r} template set"
-    else:
-        if templates_spec:
-            ds.templates = _template_set(templates_spec, lang, ds)
-        elif ds.templates is None:
-            ds.templates, _ = _shipped("zeroshot_classification_templates", "en", ds)
-        where = f"zeroshot_classification_templates.txt in {root} or a shipped template set"
-    if ds.classnames is None:
-        ds.template_error = f"{ds.path} has labels but no class names (classnames.txt)"
-    elif not ds.templates:
-        ds.template_error = (
-            f"{ds.name!r} has class names but no zero-shot templates: add {where}, or pass --templates FILE|NAME "
-            "(e.g. --templates imagenet1k)"
-        )
-    else:
-        bad = [t for t in ds.templates if "{c}" not in t]
-        if bad:
-            raise FlameError(f"template {bad[0]!r} has no {{c}} placeholder for the class name")

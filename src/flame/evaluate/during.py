@@ -108,8 +108,10 @@ class TrainEvaluator:
             model.train(was_training)
         return record
 
-    def after_step(self, step: int, model, write: Callable[[dict], None], say: Callable[[str], None] = print) -> None:
-        """Called by the training loop after every optimizer step (rank 0 only)."""
+    def after_step(self, step: int, model, write: Callable[[dict], None],
+                   say: Callable[[str], None] = log.info) -> None:
+        """Called by the training loop after every optimizer step (rank 0 only); `say` is how
+        the training loop shows a line (the log by default)."""
         if not self.due(step):
             return
         t0 = time.perf_counter()

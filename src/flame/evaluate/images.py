@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
+from flame.data.images import decode_or_blank
+from flame.errors import FlameError, first_line
 from flame.evaluate.datasets import IMAGE_EXTS, EvalDataset, Item
 from flame.fileio import write_atomic
+from flame.weights import load_torch
 
 log = logging.getLogger("flame.evaluate")
 
@@ -36,17 +39,7 @@ def default_cache_dir() -> Path:
 
 
 def _decode(data: bytes | str, transform: Callable, size: int) -> tuple[torch.Tensor, bool]:
-    from flame.data.images import open_image
-
-    try:  # the training stream's rules: expected formats only, bounded pixel count
-        if isinstance(data, str):
-            with open(data, "rb") as f:
-                data = f.read()
-        img = open_image(data)
-        img.load()
-        return transform(img), True
-    except Exception:
-        return torch.zeros(3, size, size), False
+    return decode_or_blank(data, transform, size)
 
 
 class FileImages(torch.utils.data.Dataset):
@@ -120,6 +113,22 @@ def cache_key(model, ds: EvalDataset, split: str, kind: str) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _read_cache(path: Path, n: int) -> SplitVectors | None:
+    """The cached vectors at `path`, or None: a missing entry is computed, a damaged one
+    recomputed with a warning (never fatal)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = load_torch(path, "image cache")
+        vectors, ok = saved["vectors"], saved["ok"]
+        if not (isinstance(vectors, torch.Tensor) and isinstance(ok, torch.Tensor) and len(vectors) == len(ok) == n):
+            raise FlameError(f"image cache {path} does not hold {n} vectors")
+    except (FlameError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable image cache (it is recomputed): %s", first_line(e))
+        return None
+    return SplitVectors(vectors, ok)
+
+
 @torch.no_grad()
 def split_vectors(
     model,
@@ -140,12 +149,9 @@ def split_vectors(
     if cache_dir is not False:
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
         path = folder / f"{cache_key(model, ds, split, kind)}.pt"
-        if path.is_file():
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                return SplitVectors(saved["vectors"], saved["ok"])
-            except Exception as e:  # a damaged cache entry is recomputed, never fatal
-                log.warning("ignoring unreadable image cache %s: %s", path, e)
+        cached = _read_cache(path, len(items))
+        if cached is not None:
+            return cached
     size = model.image_size
     transform = model.transform()
     data = (TarImages if ds.format == "wds" else FileImages)(items, transform, size)

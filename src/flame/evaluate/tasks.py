@@ -23,31 +23,17 @@ from pathlib import Path
 
 import torch
 
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
 from flame.evaluate import metrics as M
 from flame.evaluate.datasets import EvalDataset, load_dataset
-from flame.evaluate.images import split_vectors
+from flame.evaluate.images import SplitVectors, split_vectors
+from flame.evaluate.task_names import TASKS as TASKS  # re-exported: the names live in task_names
+from flame.evaluate.task_names import canonical_task
 
 log = logging.getLogger("flame.evaluate")
 
-TASKS = {  # accepted spellings -> CLIP_benchmark's name
-    "zeroshot-classification": "zeroshot_classification",
-    "zeroshot_classification": "zeroshot_classification",
-    "classification": "zeroshot_classification",
-    "retrieval": "zeroshot_retrieval",
-    "zeroshot-retrieval": "zeroshot_retrieval",
-    "zeroshot_retrieval": "zeroshot_retrieval",
-    "linear-probe": "linear_probe",
-    "linear_probe": "linear_probe",
-}
 LONG_WORDS = 8  # mean caption length (words) from which a caption set counts as long text
 CARVE_TEST = 0.5  # share of a single-split dataset kept for testing a linear probe
-
-
-def canonical_task(task: str) -> str:
-    if task not in TASKS:
-        raise FlameError(f"unknown task {task!r}: zeroshot-classification, retrieval or linear-probe")
-    return TASKS[task]
 
 
 def default_task(ds: EvalDataset) -> str:
@@ -161,9 +147,7 @@ def _linear_probe(model, ds: EvalDataset, img: dict):
     return M.linear_probe(xtr, ytr, xte, yte), vec, split
 
 
-def _joined(a, b):
-    from flame.evaluate.images import SplitVectors
-
+def _joined(a: SplitVectors, b: SplitVectors) -> SplitVectors:
     return SplitVectors(torch.cat([a.vectors, b.vectors]), torch.cat([a.ok, b.ok]))
 
 
@@ -207,7 +191,7 @@ class Suite:
         try:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise FlameError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            raise FlameError(f"{path} is not valid YAML: {first_line(e)}") from e
         if isinstance(raw, dict) and "datasets" in raw:
             raw = raw["datasets"]
         if not isinstance(raw, list) or not raw:
