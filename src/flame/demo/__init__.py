@@ -26,8 +26,12 @@ from __future__ import annotations
 
 from flame.demo.facts import MODELS, SPLITS, DemoPaths, DemoResult, machine, now, summary_table
 from flame.demo.measure import measure_llm
-from flame.demo.pipeline import Demo, add_arguments, run, settings_from_args
-from flame.demo.settings import QUICK, DemoSettings
+from flame.demo.pipeline import Demo, main
+from flame.demo.settings import QUICK, Config, DemoSettings
 
-__all__ = ["MODELS", "QUICK", "SPLITS", "Demo", "DemoPaths", "DemoResult", "DemoSettings", "add_arguments", "machine",
-           "measure_llm", "now", "run", "settings_from_args", "summary_table"]
+DESCRIPTION = ("Generate a scenes dataset, embed its captions with the built-in LLM, train a small ViT on the CPU "
+               "with FLAME and a CLIP baseline with the same image tower, evaluate both on every split and write "
+               "OUT/metrics.json, OUT/report.md and plots. Cached: a second run only re-evaluates.")
+
+__all__ = ["DESCRIPTION", "MODELS", "QUICK", "SPLITS", "Config", "Demo", "DemoPaths", "DemoResult", "DemoSettings",
+           "machine", "main", "measure_llm", "now", "summary_table"]

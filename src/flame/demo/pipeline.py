@@ -4,78 +4,85 @@ which receives a `DemoResult` and never sees this module."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 
 from flame.demo import evaluation
 from flame.demo.facts import SPLITS, DemoPaths, DemoResult, machine, now, summary_table
 from flame.demo.measure import measure_llm, prompt_tokens
-from flame.demo.settings import QUICK, DemoSettings
+from flame.demo.settings import Config, DemoSettings
 from flame.demo.stages import Stages, clock
 from flame.errors import FlameError
 from flame.fileio import write_atomic
 
-DATA_KEYS = ("seed", "train_images", "combos", "eval_size", "zeroshot", "image_size")
-EMBED_KEYS = DATA_KEYS + ("llm", "layer")
-TRAIN_KEYS = EMBED_KEYS + ("tower", "proj_hidden", "pool_first", "init_logit_scale", "steps", "batch_size", "lr",
-                          "warmup", "weight_decay")
+# TrainConfig fields that change how a run looks or where it starts, never its numbers: left out of
+# the stage key (anything else, including a field added later, is in it: a forgotten one re-runs, never
+# reuses a stale result)
+RUN_ONLY = frozenset({"progress", "resume"})
+# embed settings left out of the key: the LLM dtype is a speed choice, measured on this machine by
+# stage 2; a machine that chooses another dtype reuses the store instead of embedding again
+MACHINE_ONLY = frozenset({"llm_dtype"})
 
 
-def subset(s: DemoSettings, *names: str) -> dict:
-    """The settings a stage depends on, with the generator's version (new data, new stages)."""
-    d = asdict(s)
-    return {**{k: d[k] for k in names}, "data": s.scenes().to_dict()}
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Generate a scenes dataset, embed its captions with the built-in LLM, train a small ViT on "
-                     "the CPU with FLAME and a CLIP baseline with the same image tower, evaluate both on every "
-                     "split and write OUT/metrics.json, OUT/report.md and plots. Cached: a second run only "
-                     "re-evaluates.")
-    p.add_argument("--out", default="runs/demo", type=Path, help="output folder (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a small smoke version (minutes; used by the tests)")
-    p.add_argument("--llm", default=None, help="LLM spec for the text side (default: smollm2-135m, built in)")
-    p.add_argument("--layer", default=None, help="decoder block(s) for the embeddings (default -2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated data and of training (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="training steps for both models (default 2000; quick 120)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    s = DemoSettings(seed=args.seed)
-    if args.quick:
-        s = replace(s, **QUICK)
-    if args.llm:
-        s = replace(s, llm=args.llm)
-    if args.layer:
-        s = replace(s, layer=str(args.layer))
-    if args.steps:
-        if args.steps < 1:
-            raise FlameError("--steps must be >= 1")
-        s = replace(s, steps=args.steps)
-    return s
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    out = Path(args.out)
+def main(cfg: Config) -> int:
+    """`flame demo`: the whole pipeline into `cfg.out` (cached stages are skipped)."""
+    out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise FlameError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    return Demo(out, settings, progress=args.progress).run()
+    return Demo(out, cfg.settings(), progress=cfg.progress).run()
+
+
+def _run_embed(settings: dict) -> int:
+    """`flame embed` with `settings` (its flags' names with `_`: data, prompts, llm, layer, out,
+    device, llm_dtype); returns its exit code. The demo's only use of the command line."""
+    # to become flame.embed.main(EmbedConfig(...)) at merge: config.validate(flame.embed.Config(**settings))
+    from flame.cli import main as flame_main
+
+    argv = ["embed"]
+    for name, value in settings.items():
+        argv += ["--" + name.replace("_", "-"), *(value if isinstance(value, list) else [value])]
+    return flame_main(argv)
+
+
+def stage_key(config: object, root: Path, leave_out: frozenset[str] = frozenset(), **inputs: dict) -> dict:
+    """A stage's cache key: its configuration object as plain data (paths under `root` relative
+    to it, so a moved demo folder stays cached) without `leave_out`, and the keys of the stages
+    whose outputs it reads (`inputs`): a change upstream re-runs every stage below it."""
+    fields = asdict(config) if is_dataclass(config) else dict(config)
+    plain = json.loads(json.dumps({k: v for k, v in fields.items() if k not in leave_out}, default=str))
+    prefix = str(root) + os.sep
+
+    def rel(value):
+        if isinstance(value, dict):
+            return {k: rel(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rel(v) for v in value]
+        return "OUT/" + value[len(prefix):] if isinstance(value, str) and value.startswith(prefix) else value
+
+    return {"config": rel(plain), "inputs": inputs}
 
 
 class Demo:
+    """The stages in order. Each stage's configuration object is built once, here, from the
+    settings; its cache key is derived from that object."""
+
     def __init__(self, out: Path, settings: DemoSettings, progress: bool = True):
         self.paths = DemoPaths(Path(out))
         self.s, self.progress = settings, progress
         self.llm_info: dict = {}
+        self.scenes_config = settings.scenes()
+        self.embed_settings = self._embed_settings()
+        self.train_config = self._train_config()
+        root = self.paths.out
+        data_key = self.scenes_config.to_dict()
+        self.embed_key = stage_key(self.embed_settings, root, MACHINE_ONLY, data=data_key)
+        self.train_key = stage_key(self.train_config, root, RUN_ONLY, embed=self.embed_key)
 
     # rough first guesses (seconds on an idle 2-core CPU), refined by measurements on the way
     def _estimates(self) -> dict[str, float]:
@@ -113,7 +120,7 @@ class Demo:
     def _data(self, st: Stages) -> None:
         from flame.data import scenes
 
-        config = self.s.scenes()
+        config = self.scenes_config
         st.begin("data", f"{config.train} training images of {config.combos} captioned combinations + eval splits")
         if scenes.settings_match(self.paths.data, config):
             st.end(skipped=True)
@@ -134,15 +141,14 @@ class Demo:
     def _train_captions(self) -> dict[str, list[str]]:
         from flame.data import scenes
 
-        p = scenes.plan(self.s.scenes())
+        p = scenes.plan(self.scenes_config)
         return {"short": [scenes.short_caption(c) for c in p.combos],
                 "long": [scenes.long_caption(c) for c in p.combos]}
 
     # 2 ----------------------------------------------------------------------------------------
     def _llm(self, st: Stages) -> None:
         st.begin("llm", f"load {self.s.llm}, time fp32 against bf16 on this CPU")
-        need = not (st.done_with("embed", subset(self.s, *EMBED_KEYS))
-                    and evaluation.eval_texts_cached(self.paths, self.s))
+        need = not (st.done_with("embed", self.embed_key) and evaluation.eval_texts_cached(self.paths, self.s))
         path = st.marker("llm")
         key = {"llm": self.s.llm, "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0]}
         try:
@@ -174,23 +180,23 @@ class Demo:
         st.estimates["eval"] = 15 + prompt_tokens(self.s.llm, {"raw": [t for v in texts.values() for t in v]}) / rate
 
     # 3 ----------------------------------------------------------------------------------------
-    def _embed(self, st: Stages) -> None:
-        from flame.cli import main as flame_main
+    def _embed_settings(self) -> dict:
+        """`flame embed`'s settings: the short set on the short caption, the long set on the long one.
+        The LLM dtype is filled in by stage 2's measurement."""
+        return dict(data=[str(self.paths.data / "train")], prompts=["short=txt", "long=long.txt"], llm=self.s.llm,
+                    layer=self.s.layer, out=str(self.paths.store), device="cpu", llm_dtype="float32")
 
-        settings = subset(self.s, *EMBED_KEYS)
+    def _embed(self, st: Stages) -> None:
         store = self.paths.store
         st.begin("embed", f"{self.s.combos} distinct short + long captions -> facet store (K = 3 + 7)")
-        if st.done_with("embed", settings) and (store / "manifest.json").is_file():
+        if st.done_with("embed", self.embed_key) and (store / "manifest.json").is_file():
             st.end(skipped=True)
             return
         shutil.rmtree(store, ignore_errors=True)
-        argv = ["embed", "--data", str(self.paths.data / "train"), "--prompts", "short=txt", "long=long.txt",
-                "--llm", self.s.llm, "--layer", self.s.layer, "--out", str(store), "--device", "cpu",
-                "--llm-dtype", self.llm_info.get("dtype", "float32")]
-        code = flame_main(argv)
+        code = _run_embed({**self.embed_settings, "llm_dtype": self.llm_info.get("dtype", "float32")})
         if code:
             raise FlameError(f"flame embed failed (exit {code}); rerun flame demo to continue")
-        st.mark("embed", settings)
+        st.mark("embed", self.embed_key)
         st.end()
 
     # 4 ----------------------------------------------------------------------------------------
@@ -198,6 +204,7 @@ class Demo:
     # competes with the two compute threads, and measured 361 img/s against 429 in-process. The stream
     # seeds every sample's crop and facets itself, so the batches (and the numbers) are the same.
     def _train_config(self):
+        """The FLAME run's configuration (`flame.train.TrainConfig`), built once per demo run."""
         from flame.train import TrainConfig
 
         s = self.s
@@ -212,24 +219,23 @@ class Demo:
     def _train(self, st: Stages) -> None:
         from flame.train import train
 
-        settings = subset(self.s, *TRAIN_KEYS)
-        run = self.paths.flame_run
+        key, run = self.train_key, self.paths.flame_run
         st.begin("train", f"FLAME: {self.s.tower} {self.s.steps} steps x batch {self.s.batch_size} on the CPU")
         final = self.paths.flame_checkpoint(self.s.steps)
-        if st.done_with("train", settings) and (final / "model.safetensors").is_file():
+        if st.done_with("train", key) and (final / "model.safetensors").is_file():
             st.end(skipped=True)
             self._scale_clip(st)
             return
-        cfg = self._train_config()
-        if st.done_with("train.started", settings) and any(run.glob("checkpoint-*")):
-            cfg.resume = "latest"  # an interrupted demo continues its run
+        cfg = self.train_config
+        if st.done_with("train.started", key) and any(run.glob("checkpoint-*")):
+            cfg = replace(cfg, resume="latest")  # an interrupted demo continues its run
         else:
             shutil.rmtree(run, ignore_errors=True)
-        st.mark("train.started", settings)
+        st.mark("train.started", key)
         code = train(cfg)
         if code:
             raise FlameError(f"flame train failed (exit {code})")
-        st.mark("train", settings)
+        st.mark("train", key)
         st.end()
         self._scale_clip(st)
 
@@ -239,6 +245,8 @@ class Demo:
 
     # 5 ----------------------------------------------------------------------------------------
     def _clip_config(self):
+        """The CLIP baseline's configuration: the trained FLAME tower, the same stream and schedule;
+        `flame.baseline.is_complete` compares all of it with the finished run's."""
         from flame.baseline import BaselineConfig, ClipTextConfig
         from flame.model import FlameModel
 
@@ -248,7 +256,7 @@ class Demo:
             shards=[str(p) for p in sorted((self.paths.data / "train").glob("*.tar"))], store=str(self.paths.store),
             out=str(self.paths.clip_run), tower=tower, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
             warmup=s.warmup, weight_decay=s.weight_decay, seed=s.seed, workers=0, text=ClipTextConfig(**s.clip_text),
-            data=s.scenes().to_dict(),
+            data=self.scenes_config.to_dict(),
         )
 
     def _clip(self, st: Stages) -> None:
