@@ -14,6 +14,48 @@ RETRIEVAL = ("test", "compositional", "paraphrase", "multilingual", "multilingua
 R_KEYS = {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "chance_r1"}
 
 
+@pytest.mark.parametrize(("line", "expected"), [("steps: abc", "--steps (steps): expected a whole number, got 'abc'"),
+                                                ("steps: 0", "--steps must be >= 1 (got 0)")])
+def test_bad_config_file_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, line, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"out: {tmp_path / 'demo'}\nquick: yes\n{line}\n")
+    assert flame_main(["demo", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "demo").exists()  # nothing was made
+
+
+def test_help_shows_the_defaults_of_the_config_dataclass(capsys):
+    from flame.demo import Config, DemoSettings
+
+    with pytest.raises(SystemExit) as stop:
+        flame_main(["demo", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"output folder (default {Config().out})" in text
+    assert f"(default {DemoSettings.llm}, built in)" in text and "(default -2)" in text and "(default 0)" in text
+    assert f"(default {DemoSettings.steps}; --quick 120)" in text
+    assert "--no-progress" in text and "--config FILE" in text
+
+
+def test_report_is_written_from_the_result_object_alone(tmp_path):
+    from flame.demo.facts import MODELS, SPLITS, DemoPaths, DemoResult
+    from flame.demo.report import report_text
+    from flame.demo.settings import DemoSettings
+
+    r = {"i2t_r1": 0.5, "t2i_r1": 0.25, "i2t_r5": 0.75, "t2i_r5": 1.0, "chance_r1": 0.125, "chance_r5": 0.5}
+    zeroshot = {"top1": 0.3, "top5": 0.6, "chance": 0.1}
+    metrics = {m: {**{s: r for s in (*SPLITS, "multilingual")}, "zeroshot": zeroshot} for m in MODELS}
+    result = DemoResult(settings=DemoSettings(), paths=DemoPaths(tmp_path), metrics=metrics,
+                        timings={"data": 1.0, "total": 60.0}, skipped=["data"],
+                        llm={"dtype": "bfloat16", "float32": 100.0, "bfloat16": 200.0}, machine="a test machine",
+                        date="2026-01-01 00:00 UTC")
+    text = report_text(result)
+    assert "2026-01-01 00:00 UTC · a test machine · total 1.0 min (data 1 s (cached), total 60 s)" in text
+    assert "| test | 0.500 | 0.250 | 0.500 | 0.250 |" in text and "zero-shot top-1 | 0.300" in text
+    assert "LLM dtype bfloat16" in text and "bf16 200 tok/s" in text
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end_and_cached_rerun(tmp_path, flame_cache, capsys):
     out = tmp_path / "demo"

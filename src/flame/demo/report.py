@@ -1,5 +1,9 @@
 """`flame demo`'s outputs: OUT/metrics.json, OUT/timings.json, OUT/report.md and OUT/plots/*.png
-(loss curves of both runs, recall per split, text queries with their top-5 images)."""
+(loss curves of both runs, recall per split, text queries with their top-5 images).
+
+Written from a `DemoResult` (settings, metrics, timings, machine facts) and the files it points
+to; this module never imports the pipeline that made them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import tarfile
 import textwrap
 from pathlib import Path
 
+from flame.demo.facts import SPLITS, DemoPaths, DemoResult, load_clip, load_flame, summary_table
+from flame.demo.settings import DemoSettings
 from flame.fileio import write_atomic
 
 PLOTS = ("loss.png", "recall.png", "queries.png")
@@ -25,13 +31,13 @@ def _log(path: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def plot_losses(demo, path: Path) -> None:
+def plot_losses(paths: DemoPaths, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, (name, log, loss) in zip(axes, [
-        ("FLAME", demo.flame_run / "log.jsonl", "multi-positive sigmoid loss"),
-        ("CLIP baseline", demo.clip_run / "log.jsonl", "contrastive loss (ClipLoss)"),
+        ("FLAME", paths.flame_run / "log.jsonl", "multi-positive sigmoid loss"),
+        ("CLIP baseline", paths.clip_run / "log.jsonl", "contrastive loss (ClipLoss)"),
     ]):
         steps, losses = _log(log)
         ax.plot(steps, losses, color="tab:blue" if name == "FLAME" else "tab:orange")
@@ -48,7 +54,7 @@ def plot_recall(metrics: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    splits = ["test", "compositional", "paraphrase", "multilingual-fr", "multilingual-de", "multilingual-es"]
+    splits = list(SPLITS)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), gridspec_kw={"width_ratios": [3, 3, 1]})
     x = np.arange(len(splits))
     for ax, metric, title in ((axes[0], "i2t_r1", "image -> text R@1"), (axes[1], "t2i_r1", "text -> image R@1")):
@@ -82,7 +88,7 @@ def _tar_images(path: Path) -> dict[str, bytes]:
     return out
 
 
-def plot_queries(demo, path: Path, n_show: int = 5) -> None:
+def plot_queries(paths: DemoPaths, s: DemoSettings, path: Path, n_show: int = 5) -> None:
     """Text queries (one test scene in English, paraphrased and in three languages, plus a
     compositional caption) with each model's top-5 images; the queried image is framed green."""
     import matplotlib.pyplot as plt
@@ -92,20 +98,20 @@ def plot_queries(demo, path: Path, n_show: int = 5) -> None:
     from flame.evaluate import load_dataset
     from flame.evaluate.images import split_vectors
 
-    flame = demo.flame_model()
-    clip_image, clip_text = demo.clip_model()
+    flame = load_flame(paths, s.steps)
+    clip_image, clip_text = load_clip(paths)
     queries = [("test", 0), ("paraphrase", 0), ("multilingual-fr", 0), ("multilingual-de", 0),
                ("multilingual-es", 0), ("test", 1), ("paraphrase", 1), ("compositional", 0)]
     rows = []
-    cache = demo.out / "cache" / "images"
+    cache = paths.image_cache
     for split, i in queries:
-        ds = load_dataset(demo.data / "eval" / split, task="retrieval")
+        ds = load_dataset(paths.data / "eval" / split, task="retrieval")
         items = ds.items("test")
         pngs = _tar_images(Path(items[0].shard))
         text = items[i].captions[0]
         for label, model, enc in (("FLAME", flame, flame.text_encoder), ("CLIP", clip_image, clip_text)):
             vec = split_vectors(model, ds, "test", "embed", workers=0, cache_dir=cache, progress=False).vectors
-            q = enc.encode([text], prompts=demo.s.eval_prompts)[0]
+            q = enc.encode([text], prompts=s.eval_prompts)[0]
             top = (vec @ q).argsort(descending=True)[:n_show].tolist()
             rows.append((f"{label} · {split}", text, [(pngs[items[t].key], t == i) for t in top]))
     fig, axes = plt.subplots(len(rows), n_show + 1, figsize=(2.0 + 1.1 * n_show, 1.15 * len(rows)),
@@ -128,28 +134,30 @@ def plot_queries(demo, path: Path, n_show: int = 5) -> None:
     plt.close(fig)
 
 
-def write_report(demo, metrics: dict, timings: dict, skipped: list[str]) -> None:
+def write_report(result: DemoResult) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from flame.demo import machine, now, summary_table
-
-    out = demo.out
+    out, metrics, timings, skipped = result.paths.out, result.metrics, result.timings, result.skipped
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    write_atomic(out / "timings.json", json.dumps({"stages_s": timings, "skipped": skipped, "date": now(),
-                                                   "machine": machine()}, indent=2) + "\n")
+    write_atomic(out / "timings.json", json.dumps({"stages_s": timings, "skipped": skipped, "date": result.date,
+                                                   "machine": result.machine}, indent=2) + "\n")
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    plot_losses(demo, plots / "loss.png")
+    plot_losses(result.paths, plots / "loss.png")
     plot_recall(metrics, plots / "recall.png")
-    plot_queries(demo, plots / "queries.png")
-    s = demo.s
-    llm = demo.llm_info
+    plot_queries(result.paths, result.settings, plots / "queries.png")
+    write_atomic(out / "report.md", report_text(result))
+
+
+def report_text(result: DemoResult) -> str:
+    """OUT/report.md: what ran, on what, how long, and the side-by-side table."""
+    s, llm, timings, skipped = result.settings, result.llm, result.timings, result.skipped
     projector = "mean-pooled tokens, then the projector" if s.pool_first else "per-token projector"
     stage_line = ", ".join(f"{k} {v:.0f} s" + (" (cached)" if k in skipped else "") for k, v in timings.items())
-    text = f"""# flame demo report
+    return f"""# flame demo report
 
-{now()} · {machine()} · total {timings.get('total', 0) / 60:.1f} min ({stage_line})
+{result.date} · {result.machine} · total {timings.get('total', 0) / 60:.1f} min ({stage_line})
 
 Data: {s.train_images} training images of {s.combos} captioned combinations (64x64 scenes, seed {s.seed});
 evaluation splits of {s.eval_size} images each (zero-shot: {s.zeroshot} images, 10 classes).
@@ -163,7 +171,7 @@ weight decay {s.weight_decay:g}, the same image stream. FLAME's initial logit sc
 ({s.clip_text['layers']} layers, width {s.clip_text['width']}) trained from scratch with ClipLoss on the
 short captions.
 
-{summary_table(metrics)}
+{summary_table(result.metrics)}
 
 R@k: share of queries whose match is among the top k (I2T: image queries, T2I: text queries);
 `multilingual` is the mean over French, German and Spanish.
@@ -174,4 +182,3 @@ R@k: share of queries whose match is among the top k (I2T: image queries, T2I: t
 
 ![text queries and their top-5 images](plots/queries.png)
 """
-    write_atomic(out / "report.md", text)
