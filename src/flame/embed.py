@@ -18,13 +18,11 @@ an uninterrupted one.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
 import socket
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from flame import distributed, fileio
-from flame.data.captions import CaptionTable, ShardError, base_plus_ext, read_shard_captions
-from flame.data.shards import expand_shards, shard_name
-from flame.errors import FlameError
+from flame import distributed, faults
+from flame.data.captions import CaptionTable, ShardError, read_shard_captions
+from flame.data.shards import readable_tar_keys, shard_name, unique_shards
+from flame.errors import FlameError, first_line
 from flame.prompts import DEFAULT_MAX_CAPTION_TOKENS, PromptSet, clean_caption, load_prompt_set
-from flame.store import DISK_FULL, DTYPES, EmbeddingStore, NonFiniteShard
+from flame.store import DISK_FULL, DTYPES, EmbeddingStore, NonFiniteShard, StoreLock
+from flame.units import human_bytes, human_time
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +151,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def input_shards_and_out(args: argparse.Namespace) -> tuple[list[Path], Path]:
     """`--data` expanded (store shards are named by file name, so names must be unique) and `--out`."""
-    shards = expand_shards(args.data)
-    names = [shard_name(p) for p in shards]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise FlameError(f"two input shards share the name {dup!r}; store shards are named by file name")
+    shards = unique_shards(args.data)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FlameError(f"--out {out} exists and is not a folder")
@@ -184,73 +179,8 @@ def _decide(fn):
     return value
 
 
-# ---- the lock -----------------------------------------------------------------------------
-class StoreLock:
-    """An exclusive flock on STORE/.lock for the whole job. The kernel drops it when the
-    process dies, even by SIGKILL, so it never goes stale. On a filesystem without flock
-    (some network mounts) it falls back to STORE/.lock-owner created with O_EXCL, holding
-    the host and pid: a file left by a dead process on this host is taken over."""
-
-    OWNER = ".lock-owner"
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.created = not path.exists()
-        self.owner: Path | None = None
-        path.mkdir(parents=True, exist_ok=True)
-        self.file = open(path / ".lock", "a+")  # noqa: SIM115 (held for the job)
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise FlameError(
-                f"store {path} is being written by another flame embed (lock {path / '.lock'} is held); "
-                "wait for it to finish or choose another --out"
-            ) from None
-        except OSError as e:  # ENOLCK, EOPNOTSUPP...: no flock here
-            self._lock_file(e)
-
-    def _lock_file(self, why: OSError) -> None:
-        owner = self.path / self.OWNER
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(owner, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                host, _, pid = owner.read_text(errors="replace").strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not fileio.pid_alive(int(pid)):
-                    owner.unlink(missing_ok=True)  # left by a dead job on this host
-                    continue
-                self.file.close()
-                raise FlameError(
-                    f"store {self.path} is being written by another flame embed ({host} pid {pid}, lock file "
-                    f"{owner}; this filesystem has no flock); if no such job runs, delete that file"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.owner = owner
-            print(
-                f"flame embed: note: {self.path} has no flock ({os.strerror(why.errno or 0)}); "
-                f"locked with {owner} instead",
-                file=sys.stderr,
-            )
-            return
-        raise FlameError(f"cannot take the lock file {owner}; delete it if no flame embed writes {self.path}")
-
-    def release(self) -> None:
-        if self.owner is not None:
-            self.owner.unlink(missing_ok=True)
-        # a folder this run created and never turned into a store is removed again
-        if self.created and not (self.path / "manifest.json").exists():
-            (self.path / ".lock").unlink(missing_ok=True)
-            for sub in (self.path / "shards", self.path):
-                try:
-                    sub.rmdir()
-                except OSError:
-                    pass
-        self.file.close()
+def _note(message: str) -> None:
+    print(f"flame embed: note: {message}", file=sys.stderr)
 
 
 # ---- encoding -----------------------------------------------------------------------------
@@ -322,19 +252,6 @@ def _manifest(args, cfg: Config, encoders, fingerprint: str) -> dict:
     }
 
 
-def _shard_keys(paths) -> set[str]:
-    """Sample keys of the given tars from their member headers (no member data is read).
-    An unreadable tar contributes none; it is reported when its turn comes."""
-    keys: set[str] = set()
-    for path in paths:
-        try:
-            with tarfile.open(path) as tar:
-                keys.update(k for k, _ in map(base_plus_ext, tar.getnames()) if k is not None)
-        except (tarfile.TarError, OSError, EOFError):
-            continue
-    return keys
-
-
 def _load_tables(args, cfg: Config, keys: set[str] | None = None) -> dict[str, CaptionTable]:
     tables = {name: CaptionTable(path, key_field=args.key_field) for name, path in cfg.tables.items()}
     for s in cfg.sources:
@@ -392,8 +309,6 @@ def _encode_shard(writer, keys, captions, cfg: Config, encoders, args, stats: St
     import torch
     import torch.nn.functional as F
 
-    slow = float(os.environ.get("FLAME_TEST_SLOW_BATCH", "0") or 0)  # test hook: widen the kill window
-
     def progress(n_caps, n_tokens):
         stats.tokens += n_tokens
         if bar is not None:
@@ -419,30 +334,13 @@ def _encode_shard(writer, keys, captions, cfg: Config, encoders, args, stats: St
             emb = enc.encode([caps[r] for r in rows], progress=progress)
             emb = F.normalize(emb.to(torch.float32), dim=-1).numpy()
             writer.write(np.asarray(rows), emb, facets=facets)
-            if slow:
-                time.sleep(slow)
+            faults.slow_batch()  # test hook: widens the window to kill a job mid-shard
         if dup_dst:  # repeated captions: copy the stored vectors, bytes identical to recomputing
             writer.copy_rows(np.asarray(dup_dst), np.asarray(dup_src), facets=facets)
             if bar is not None:
                 bar.update(len(dup_dst))
         stats.captions += len(caps)
         stats.repeats += len(dup_dst)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def _human_time(s: float) -> str:
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 # Errors of one shard that skip it (reported, exit 2 at the end, retried last by a rerun);
@@ -462,8 +360,8 @@ def _stops_the_run(e: BaseException) -> bool:
 def _reason(e: BaseException) -> str:
     if isinstance(e, FlameError):
         return str(e)
-    text = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+    text = first_line(e, 300)
+    return text if text == e.__class__.__name__ else f"{e.__class__.__name__}: {text}"
 
 
 def _accept_legacy_fingerprint(manifest: dict, out: Path, legacy: str) -> dict:
@@ -482,14 +380,14 @@ def _accept_legacy_fingerprint(manifest: dict, out: Path, legacy: str) -> dict:
 def _embed(args, cfg: Config, device: str) -> int:
     t0 = time.perf_counter()
     held: list[StoreLock] = []
-    _decide(lambda: held.append(StoreLock(cfg.out)))  # rank 0 holds it; the others learn the outcome
+    _decide(lambda: held.append(StoreLock(cfg.out, notify=_note)))  # rank 0 holds it; the others learn the outcome
     try:
         # A fixed split: each rank knows its shards before anything loads and keeps only their
         # table rows (YFCC15M's long captions are GBs). Ranks progress alike, so what is left
         # after an interruption stays balanced.
         rank, world = distributed.rank(), distributed.world_size()
         assigned = {str(p) for p in cfg.shards[rank::world]}
-        tables = _load_tables(args, cfg, keys=_shard_keys(sorted(assigned)) if cfg.tables else None)
+        tables = _load_tables(args, cfg, keys=readable_tar_keys(sorted(assigned)) if cfg.tables else None)
         model, encoders, fingerprint = _load_encoders(args, cfg, device)
         manifest = _manifest(args, cfg, encoders, fingerprint)
 
@@ -585,8 +483,8 @@ def _embed(args, cfg: Config, device: str) -> int:
         f"flame embed: {total.samples:,} samples, shards {total.done} done / {skipped} skipped / "
         f"{len(total.failed)} failed, {total.truncated:,} truncated captions, {total.missing:,} samples "
         f"missing a caption ({args.on_missing}), {total.empty:,} empty captions ({args.on_empty}), "
-        f"{total.repeats:,} repeated captions reused, {_human_bytes(total.bytes)} written to {cfg.out} "
-        f"in {_human_time(elapsed)}"
+        f"{total.repeats:,} repeated captions reused, {human_bytes(total.bytes)} written to {cfg.out} "
+        f"in {human_time(elapsed)}"
     )
     if total.failed:
         names = ", ".join(f"{n} ({r})" for n, r in total.failed[:3]) + (" ..." if len(total.failed) > 3 else "")
@@ -670,11 +568,11 @@ def _dry_run(args, cfg: Config) -> int:
         f"({stats.missing:,} missing a caption, {stats.empty:,} empty captions, "
         f"{len(stats.failed)} unreadable shards), {k} facets x {dim} dims {args.dtype}"
     )
-    print(f"  projected store size: {_human_bytes(size)} ({per_row:,} bytes per sample){existing}")
+    print(f"  projected store size: {human_bytes(size)} ({per_row:,} bytes per sample){existing}")
     print(
-        f"  projected time on {device}: {_human_time(seconds)} for {sum(unique):,} unique captions "
+        f"  projected time on {device}: {human_time(seconds)} for {sum(unique):,} unique captions "
         f"(timed on {sum(map(len, sample_caps))} captions; N processes/GPUs divide it by about N); "
-        f"dry run took {_human_time(time.perf_counter() - t0)}"
+        f"dry run took {human_time(time.perf_counter() - t0)}"
     )
     return 0
 
@@ -822,16 +720,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="count samples, project the store size and the time on this hardware; write nothing",
     )
-    from flame.release import add_import_arguments
+    from flame.release import LAYOUTS
 
-    add_import_arguments(parser)
+    g = parser.add_argument_group("FLAME release import (instead of running an LLM)")
+    g.add_argument(
+        "--import-release",
+        metavar="ROOT",
+        default=None,
+        help="copy the release's per-image embedding files ROOT/DIR/KEY.pth (11 x 5120 fp16) for the samples "
+        "of --data into the store, bit-exact in fp16; no LLM is loaded",
+    )
+    g.add_argument(
+        "--release-layout",
+        choices=("auto", *LAYOUTS),
+        default="auto",
+        help="folder of a key's file: cc3m = the key's first 5 characters, yfcc15m = the key up to its first '_', "
+        "auto = whichever exists (default)",
+    )
+
+
+def _import_release(args: argparse.Namespace) -> int:
+    from flame.release import ImportJob, run_import
+
+    if int(os.environ.get("RANK", "0")) != 0:  # file copying: one process does it all
+        return 0
+    if args.prompts != ["raw=txt"] or args.captions:
+        raise FlameError("--import-release reads the release's stored vectors: --prompts/--captions do not apply")
+    if args.dry_run:
+        raise FlameError("--dry-run is not supported with --import-release")
+    shards, out = input_shards_and_out(args)
+    job = ImportJob(Path(args.import_release), shards, out, layout=args.release_layout, dtype=args.dtype,
+                    on_missing=args.on_missing, overwrite=args.overwrite)
+    return run_import(job, notify=_note)
 
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "import_release", None):  # the release's stored vectors: no LLM runs
-        from flame.release import run_import
-
-        return run_import(args)
+        return _import_release(args)
     under_launcher = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     try:
