@@ -168,19 +168,8 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
 # validation (before any training time is spent)
 # --------------------------------------------------------------------------------------
 def resolve_shards(specs: str | Sequence[str]) -> list[Path]:
-    """expand_shards plus a check that every explicitly named file exists (a brace range with
-    one shard missing is an error, not a silently smaller dataset)."""
-    import glob
-
-    import braceexpand
-
-    specs = [specs] if isinstance(specs, str | Path) else list(specs)
-    for item in specs:
-        if Path(str(item)).is_dir():
-            continue
-        for pattern in braceexpand.braceexpand(str(item)):
-            if not glob.has_magic(pattern) and not Path(pattern).is_file():
-                raise FlameError(f"shard {pattern} does not exist")
+    """The shards of a spec; a named file (or one of a brace range) that is missing is an
+    error, not a silently smaller dataset (`expand_shards` checks it)."""
     return expand_shards(specs)
 
 
@@ -328,10 +317,6 @@ def make_loader(config: StreamConfig, workers: int, pin_memory: bool = False) ->
     return torch.utils.data.DataLoader(
         TrainStream(config), batch_size=None, num_workers=workers, pin_memory=pin_memory, **kwargs
     )
-
-
-def shards_as_str(paths: Sequence[Path]) -> list[str]:
-    return [str(p) for p in paths]
 
 
 __all__ = [

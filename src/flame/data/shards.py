@@ -46,7 +46,7 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
         raise FlameError(f"no shard files match {', '.join(map(str, specs))}")
     if missing:  # a named file (or one of a brace range) is absent: never train/embed on a silent subset
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise FlameError(f"shard not found: {missing[0]}{more}")
+        raise FlameError(f"shard {missing[0]} does not exist{more}")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     return unique
 
