@@ -29,10 +29,6 @@ class Source:
     column: str | None = None
     offset: int = 0  # first facet column in the store
 
-    @property
-    def describe(self) -> str:
-        return self.ext if self.ext else f"{self.table}:{self.column}"
-
 
 @dataclass
 class Plan:
