@@ -2,14 +2,22 @@
 
 `flame train` and `flame embed` run as one process per device, launched by torchrun (single or multi node);
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which `init()`
-reads. Without them everything here degrades to single-process no-ops.
+reads (this is the only module that reads them). Without them everything here degrades to
+single-process no-ops.
+
+Ranks agree on an error one way: `AgreedError`, raised on every rank at the same collective
+point, rank 0 reporting it and the others leaving quietly (`report_once`). It comes from
+`check_errors` (each rank may have failed) or `decide` (rank 0 alone does a step).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +27,7 @@ from flame.errors import FlameError
 # a CPU (gloo) group for control messages (error checks) when the main backend is nccl, so that
 # checking for an error never waits on the GPU queue; None = the default group
 _control = None
+T = TypeVar("T")
 
 
 class AgreedError(FlameError):
@@ -48,6 +57,28 @@ def is_main() -> bool:
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher (torchrun, `flame embed --devices`) set it: known
+    before `init()`, when every rank reads the same settings and rank 0 alone reports them."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def set_local_launch(index: int, world: int, port: int) -> None:
+    """The environment torchrun would give worker `index` of `world` on this host (`--devices`)."""
+    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -159,13 +190,38 @@ def check_errors(error: str | None) -> None:
         raise AgreedError(first)
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (e.g. a validation error message)."""
+def decide(fn: Callable[[], T]) -> T:
+    """A collective: run `fn` on rank 0 alone (take a lock, open a store) and hand its result to
+    every rank. A FlameError there becomes an AgreedError on every rank, as in `check_errors`."""
     if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return fn()
+    box: list = [None, None]  # [error message, result]
+    if is_main():
+        try:
+            box[1] = fn()
+        except FlameError as e:
+            box[0] = str(e)
+    dist.broadcast_object_list(box, src=0, group=_control)
+    if box[0] is not None:
+        raise AgreedError(box[0])
+    return box[1]
+
+
+def report_once(fn: Callable[[], int]) -> int:
+    """Run a job's body on this rank so that each error is reported once: an AgreedError is
+    raised on rank 0 only (the others return 0, which keeps torchrun from stopping rank 0
+    before it has printed); any other FlameError is this rank's own, named "rank R: ..."."""
+    try:
+        return fn()
+    except AgreedError:
+        leave_together()
+        if not is_main():
+            return 0
+        raise
+    except FlameError as e:
+        if not is_main():
+            raise FlameError(f"rank {rank()}: {e}") from e
+        raise
 
 
 def all_gather_object(obj) -> list:
@@ -183,10 +239,6 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 @contextmanager

@@ -8,8 +8,6 @@ GGUF loading de-quantizes every tensor, so the converted weights are cached on d
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -22,7 +20,8 @@ from pathlib import Path
 import torch
 
 from flame import fileio
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
+from flame.lock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +79,11 @@ def _gguf_cached(path: Path) -> Path:
         _clean_stale_conversions(target, locked=False)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _conversion_lock(target) as locked:
+    lock = target.with_name(target.name + ".lock")
+    with FileLock(lock, busy=f"the conversion of {path.name} is locked", wait=True):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
-        _clean_stale_conversions(target, locked=locked)
+        _clean_stale_conversions(target, locked=True)
         tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         try:
             _convert_gguf(path, tmp, target)
@@ -113,24 +113,6 @@ def _convert_gguf(path: Path, tmp: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-
-
-@contextlib.contextmanager
-def _conversion_lock(target: Path):
-    """An exclusive flock on TARGET.lock; yields whether it is held (filesystems without
-    flock convert unlocked, as before, with one log line)."""
-    with open(target.with_name(target.name + ".lock"), "a+") as f:
-        locked = True
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process converting %s", target.name)
-                fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:
-            log.warning("no file lock in %s (%s): converting without one", target.parent, os.strerror(e.errno))
-            locked = False
-        yield locked
 
 
 _TMP = re.compile(r"\.tmp(?:-(?P<host>.+)-)?(?P<pid>\d+)$")
@@ -194,7 +176,7 @@ def load_llm(
         config = AutoConfig.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as e:
         where = "folder" if local else "Hugging Face hub id (is the hub reachable, or set HF_HOME?)"
-        raise FlameError(f"cannot read the model config of {spec!r} as a {where}: {str(e).splitlines()[0]}") from e
+        raise FlameError(f"cannot read the model config of {spec!r} as a {where}: {first_line(e)}") from e
     _check_causal(config, str(spec))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
@@ -202,7 +184,7 @@ def load_llm(
             source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=local
         )
     except (OSError, ValueError) as e:
-        raise FlameError(f"cannot load {spec!r}: {str(e).splitlines()[0]}") from e
+        raise FlameError(f"cannot load {spec!r}: {first_line(e)}") from e
     model.to(device).eval().requires_grad_(False)
     return model, prepare_tokenizer(tokenizer)
 

@@ -17,10 +17,7 @@ is null): nothing can verify later that a local Mistral-Nemo is the one it used.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from flame.data.captions import ShardError, base_plus_ext, read_shard_captions
-from flame.data.shards import shard_name
+from flame.data.captions import read_shard_captions
+from flame.data.shards import ShardError, shard_name, tar_keys
 from flame.errors import FlameError
 from flame.prompts import PROMPT_SETS
-from flame.store import EmbeddingStore, NonFiniteShard
+from flame.store import EmbeddingStore, NonFiniteShard, StoreLock
+from flame.units import human_bytes, human_time
 from flame.weights import load_torch
 
 RELEASE_LLM = "mistralai/Mistral-Nemo-Instruct-2407"
@@ -97,6 +95,19 @@ def read_release_vectors(path: Path, k: int | None, dim: int | None) -> np.ndarr
 
 # ---- import -------------------------------------------------------------------------------
 @dataclass
+class ImportJob:
+    """What `flame embed --import-release` was asked to do (from its Config)."""
+
+    root: Path
+    shards: list[Path]
+    out: Path
+    layout: str = "auto"  # "auto" or a key of LAYOUTS
+    dtype: str = "fp16"
+    on_missing: str = "skip"  # or "error"
+    overwrite: bool = False
+
+
+@dataclass
 class ImportStats:
     samples: int = 0
     done: int = 0
@@ -120,20 +131,15 @@ class Finder:
         return next((p for p in self.candidates(key) if p.is_file()), None)
 
 
-def _tar_keys(path: Path) -> list[str]:
-    """Sample keys from member names only (no data read); [] for an unreadable tar."""
-    try:
-        with tarfile.open(path) as tar:
-            return list(dict.fromkeys(k for k, _ in map(base_plus_ext, tar.getnames()) if k is not None))
-    except (tarfile.TarError, OSError, EOFError):
-        return []
-
-
 def _probe_dim(shards: list[Path], finder: Finder) -> int:
     """D of the release files, from the first file found for the shards' keys."""
     example = None
     for path in shards:
-        for key in _tar_keys(path):
+        try:
+            keys = tar_keys(path)
+        except ShardError:  # reported when its turn comes
+            continue
+        for key in keys:
             found = finder.find(key)
             if found is not None:
                 k, dim = read_release_vectors(found, None, None).shape
@@ -145,14 +151,15 @@ def _probe_dim(shards: list[Path], finder: Finder) -> int:
     raise FlameError(f"no release embedding files under {finder.root} for the samples of the given shards{hint}")
 
 
-def _import_shard(store: EmbeddingStore, name: str, path: Path, finder: Finder, args, stats: ImportStats, bar) -> None:
+def _import_shard(store: EmbeddingStore, name: str, path: Path, finder: Finder, job: ImportJob, stats: ImportStats,
+                  bar) -> None:
     keys = read_shard_captions(path, ()).keys  # ShardError for an unreadable tar
     rows: list[tuple[str, Path]] = []
     for key in keys:
         found = finder.find(key)
         if found is None:
             looked = finder.candidates(key)[0]
-            if args.on_missing == "error":
+            if job.on_missing == "error":
                 raise FlameError(
                     f"shard {name}: no release embedding file for sample {key!r} ({looked} is missing); "
                     "--on-missing skip leaves such samples out"
@@ -177,54 +184,32 @@ def _import_shard(store: EmbeddingStore, name: str, path: Path, finder: Finder, 
     stats.done += 1
 
 
-def run_import(args: argparse.Namespace) -> int:
-    """`flame embed --import-release ROOT --data SHARDS --out STORE`."""
-    from flame.embed import StoreLock, _human_bytes, _human_time, input_shards_and_out
-
-    if int(os.environ.get("RANK", "0")) != 0:  # file copying: one process does it all
-        return 0
-    if args.prompts != ["raw=txt"] or args.captions:
-        raise FlameError("--import-release reads the release's stored vectors: --prompts/--captions do not apply")
-    if args.dry_run:
-        raise FlameError("--dry-run is not supported with --import-release")
-    root = Path(args.import_release)
-    if not root.is_dir():
-        raise FlameError(f"--import-release {root}: not a folder")
-    shards, out = input_shards_and_out(args)
-    names = [shard_name(p) for p in shards]
-    finder = Finder(root, args.release_layout)
+def run_import(job: ImportJob, notify: Callable[[str], None] | None = None) -> int:
+    """`flame embed --import-release ROOT --data SHARDS --out STORE` (one process does it all:
+    the caller runs it on rank 0 only). `notify` reports the lock's no-flock fallback."""
+    if not job.root.is_dir():
+        raise FlameError(f"--import-release {job.root}: not a folder")
+    names = [shard_name(p) for p in job.shards]
+    finder = Finder(job.root, job.layout)
     t0 = time.perf_counter()
-    lock = StoreLock(out)
+    lock = StoreLock(job.out, notify=notify)
     try:
-        if (out / "manifest.json").is_file() and not args.overwrite:
-            dim = EmbeddingStore(out).dim  # a resumed import: the files were probed the first time
+        if (job.out / "manifest.json").is_file() and not job.overwrite:
+            dim = EmbeddingStore(job.out).dim  # a resumed import: the files were probed the first time
         else:
-            dim = _probe_dim(shards, finder)
-        store = EmbeddingStore.create(out, release_manifest(dim, args.dtype), overwrite=args.overwrite)
+            dim = _probe_dim(job.shards, finder)
+        store = EmbeddingStore.create(job.out, release_manifest(dim, job.dtype), overwrite=job.overwrite)
         store.clean_temporaries()
-        todo = [(n, p) for n, p in zip(names, shards) if not store.is_complete(n)]
-        stats = ImportStats()
-        from tqdm import tqdm
-
-        bar = tqdm(desc=f"import {len(todo)} shards", unit="img", disable=None, dynamic_ncols=True)
-        try:
-            for name, path in todo:
-                try:
-                    _import_shard(store, name, path, finder, args, stats, bar)
-                except (ShardError, NonFiniteShard) as e:  # an unreadable tar, NaN/inf in the files: the rest goes on
-                    stats.failed.append((name, str(e)))
-                    bar.write(f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)",
-                              file=sys.stderr)
-        finally:
-            bar.close()
+        todo = [(n, p) for n, p in zip(names, job.shards) if not store.is_complete(n)]
+        stats = _import_all(store, todo, finder, job)
     finally:
         lock.release()
     missing_hint = f", e.g. {stats.example_missing}" if stats.example_missing else ""
     print(
         f"flame embed --import-release: {stats.samples:,} samples, shards {stats.done} done / "
-        f"{len(shards) - len(todo)} skipped / {len(stats.failed)} failed, {stats.missing:,} samples missing "
-        f"an embedding file ({args.on_missing}{missing_hint}), {_human_bytes(stats.bytes)} written to {out} "
-        f"in {_human_time(time.perf_counter() - t0)}"
+        f"{len(job.shards) - len(todo)} skipped / {len(stats.failed)} failed, {stats.missing:,} samples missing "
+        f"an embedding file ({job.on_missing}{missing_hint}), {human_bytes(stats.bytes)} written to {job.out} "
+        f"in {human_time(time.perf_counter() - t0)}"
     )
     if stats.failed:
         listed = ", ".join(f"{n} ({r})" for n, r in stats.failed[:3]) + (" ..." if len(stats.failed) > 3 else "")
@@ -232,21 +217,18 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `flame embed` options of the release import (the command's other inputs are
-    --data, --out, --dtype, --on-missing, --overwrite)."""
-    g = parser.add_argument_group("FLAME release import (instead of running an LLM)")
-    g.add_argument(
-        "--import-release",
-        metavar="ROOT",
-        default=None,
-        help="copy the release's per-image embedding files ROOT/DIR/KEY.pth (11 x 5120 fp16) for the samples "
-        "of --data into the store, bit-exact in fp16; no LLM is loaded",
-    )
-    g.add_argument(
-        "--release-layout",
-        choices=("auto", *LAYOUTS),
-        default="auto",
-        help="folder of a key's file: cc3m = the key's first 5 characters, yfcc15m = the key up to its first '_', "
-        "auto = whichever exists (default)",
-    )
+def _import_all(store: EmbeddingStore, todo: list[tuple[str, Path]], finder: Finder, job: ImportJob) -> ImportStats:
+    from tqdm import tqdm
+
+    stats = ImportStats()
+    bar = tqdm(desc=f"import {len(todo)} shards", unit="img", disable=None, dynamic_ncols=True)
+    try:
+        for name, path in todo:
+            try:
+                _import_shard(store, name, path, finder, job, stats, bar)
+            except (ShardError, NonFiniteShard) as e:  # an unreadable tar, NaN/inf in the files: the rest goes on
+                stats.failed.append((name, str(e)))
+                bar.write(f"flame embed: shard {name} failed: {e} (skipped; the other shards go on)", file=sys.stderr)
+    finally:
+        bar.close()
+    return stats

@@ -15,17 +15,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import tar_file_iterator
 
-from flame.errors import FlameError
+from flame.data.shards import ShardError, member_key
+from flame.errors import FlameError, first_line
+
+__all__ = ["KEY_FIELD", "TABLE_SUFFIXES", "CaptionTable", "ShardCaptions", "ShardError", "read_shard_captions"]
 
 TABLE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 KEY_FIELD = "__key__"
-
-
-class ShardError(FlameError):
-    """One shard cannot be read (corrupt, truncated, duplicate members): the shard is
-    reported and skipped, the rest of the run goes on."""
 
 
 @dataclass
@@ -37,13 +35,13 @@ class ShardCaptions:
 def read_shard_captions(path: str | Path, exts: Iterable[str]) -> ShardCaptions:
     """Keys of every sample in a webdataset tar and the text of its members with the
     given extensions (`txt`, ...). Other members (images) are skipped unread, using
-    webdataset's own tar iteration and key/extension split."""
+    webdataset's own tar iteration and the key/extension rule of `flame.data.shards`."""
     exts = {e.lower() for e in exts}
     keys: dict[str, None] = {}
     text: dict[str, dict[str, str]] = {e: {} for e in exts}
 
     def select(fname: str) -> bool:
-        key, ext = base_plus_ext(fname)
+        key, ext = member_key(fname)
         if key is None:
             return False
         keys.setdefault(key)
@@ -52,7 +50,7 @@ def read_shard_captions(path: str | Path, exts: Iterable[str]) -> ShardCaptions:
     try:
         with open(path, "rb") as f:
             for member in tar_file_iterator(f, select_files=select):
-                key, ext = base_plus_ext(member["fname"])
+                key, ext = member_key(member["fname"])
                 table = text[ext.lower()]
                 if key in table:
                     raise ShardError(f"duplicate member {member['fname']}")
@@ -116,37 +114,11 @@ class CaptionTable:
     def _rows(self, names: list[str], keys: set[str] | None) -> tuple[list[str], Iterable[tuple]]:
         """(available column names, iterator of tuples (key, *names))."""
         suffix = self.path.suffix.lower()
-        kf = self.key_field
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            try:
-                schema = pq.read_schema(self.path)
-                cols = [n for n in [kf, *names] if n in schema.names]
-                if kf not in cols or len(cols) < len(names) + 1:
-                    return list(schema.names), iter(())
-                parquet = pq.ParquetFile(self.path)
-            except Exception as e:  # pyarrow raises many types for a bad file
-                raise FlameError(f"caption table {self.path}: cannot read Parquet ({str(e).splitlines()[0]})") from e
-
-            def batches():
-                for batch in parquet.iter_batches(columns=[kf, *names], batch_size=65536):
-                    yield from zip(*(batch.column(c).to_pylist() for c in [kf, *names]))
-
-            return list(schema.names), batches()
+            return self._parquet_rows(names)
         if suffix == ".csv":
-            with open(self.path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), [])
-
-            def csv_rows():
-                try:
-                    with open(self.path, newline="", encoding="utf-8") as f:
-                        for row in csv.DictReader(f):
-                            yield (row.get(kf), *(row.get(n) for n in names))
-                except (csv.Error, UnicodeDecodeError) as e:
-                    raise FlameError(f"caption table {self.path}: cannot read CSV ({e})") from e
-
-            return header, csv_rows()
+            return self._csv_rows(names)
+        kf = self.key_field
         if suffix == ".json":
             try:
                 records = json.loads(self.path.read_text(encoding="utf-8"))
@@ -163,6 +135,40 @@ class CaptionTable:
             if n not in header and any(n in r for r in records):
                 header.append(n)
         return header, ((r.get(kf), *(r.get(n) for n in names)) for r in records)
+
+    def _parquet_rows(self, names: list[str]) -> tuple[list[str], Iterable[tuple]]:
+        import pyarrow.parquet as pq
+
+        kf = self.key_field
+        try:
+            schema = pq.read_schema(self.path)
+            cols = [n for n in [kf, *names] if n in schema.names]
+            if kf not in cols or len(cols) < len(names) + 1:
+                return list(schema.names), iter(())
+            parquet = pq.ParquetFile(self.path)
+        except Exception as e:  # pyarrow raises many types for a bad file
+            raise FlameError(f"caption table {self.path}: cannot read Parquet ({first_line(e)})") from e
+
+        def batches():
+            for batch in parquet.iter_batches(columns=[kf, *names], batch_size=65536):
+                yield from zip(*(batch.column(c).to_pylist() for c in [kf, *names]))
+
+        return list(schema.names), batches()
+
+    def _csv_rows(self, names: list[str]) -> tuple[list[str], Iterable[tuple]]:
+        kf = self.key_field
+        with open(self.path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+
+        def csv_rows():
+            try:
+                with open(self.path, newline="", encoding="utf-8") as f:
+                    for row in csv.DictReader(f):
+                        yield (row.get(kf), *(row.get(n) for n in names))
+            except (csv.Error, UnicodeDecodeError) as e:
+                raise FlameError(f"caption table {self.path}: cannot read CSV ({e})") from e
+
+        return header, csv_rows()
 
     def _jsonl_records(self, fields: list[str], keys: set[str] | None) -> list[dict]:
         """Stream a JSONL file, keeping only `fields` of the rows whose key is wanted, so memory

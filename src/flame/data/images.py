@@ -28,7 +28,6 @@ import io
 import logging
 import math
 import random
-import tarfile
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flame.data.shards import expand_shards, shard_name
+from flame.data.shards import expand_shards, shard_name, tar_keys  # tar_keys: the one key scanner, re-exported
 from flame.errors import FlameError
 
 log = logging.getLogger("flame.data")
@@ -184,38 +183,9 @@ def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[
 # validation (before any training time is spent)
 # --------------------------------------------------------------------------------------
 def resolve_shards(specs: str | Sequence[str]) -> list[Path]:
-    """expand_shards plus a check that every explicitly named file exists (a brace range with
-    one shard missing is an error, not a silently smaller dataset)."""
-    import glob
-
-    import braceexpand
-
-    specs = [specs] if isinstance(specs, str | Path) else list(specs)
-    for item in specs:
-        if Path(str(item)).is_dir():
-            continue
-        for pattern in braceexpand.braceexpand(str(item)):
-            if not glob.has_magic(pattern) and not Path(pattern).is_file():
-                raise FlameError(f"shard {pattern} does not exist")
+    """The shards of a spec; a named file (or one of a brace range) that is missing is an
+    error, not a silently smaller dataset (`expand_shards` checks it)."""
     return expand_shards(specs)
-
-
-def tar_keys(path: Path, limit: int | None = None) -> list[str]:
-    """The webdataset keys in a tar (header scan only, no payload read)."""
-    keys: dict[str, None] = {}
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                base = member.name[: len(member.name) - len(name)] + name.split(".", 1)[0]
-                keys[base] = None
-                if limit and len(keys) >= limit:
-                    break
-    except (tarfile.TarError, OSError) as e:
-        raise FlameError(f"cannot read shard {path}: {e}") from e
-    return list(keys)
 
 
 @dataclass

@@ -1,75 +1,23 @@
-"""The embedding store: one memory-mappable array per input shard plus a manifest.
-
-Layout (everything written to a temporary name, fsynced, then renamed via flame.fileio;
-`NAME.keys.json` is written last, so its presence marks a shard complete):
-
-    STORE/manifest.json            format, version, LLM spec + fingerprint, layer, positions,
-                                   prompt sets, facet names, K, D, dtype, normalized
-    STORE/shards/NAME.npy          [N, K, D] float16 or int8 (np.save format)
-    STORE/shards/NAME.scale        [N, K] float32 (np.save format), int8 stores only (x = q * scale);
-                                   no shard name can produce a file ending in `.scale` (stores
-                                   written before used NAME.scale.npy, which is still read)
-    STORE/shards/NAME.keys.json    the N webdataset `__key__`s in row order
-    STORE/attempts/NAME.json       written by `flame embed` while a shard is attempted or after it
-                                   failed (so a rerun tries it last); removed once it is complete
-
-int8 uses one symmetric scale per vector: scale = max|x| / 127, q = round(x / scale).
-
-Reading is checked and bounded: a shard is validated against the manifest when it is opened
-(npy header, dtype, [N, K, D], file size, N against its keys; no data is read), at most
-`max_open` shards are kept open (an LRU: memory maps hold one file descriptor each), keys are
-indexed compactly (sorted UTF-8 bytes + row order, len(key) + 4 bytes per key), and no
-non-finite vector is ever written or handed out.
-"""
+"""`EmbeddingStore`: reading (checked, bounded) and writing one store folder (see `flame.store`)."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import resource
 import shutil
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from flame import fileio
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
 from flame.fileio import TMP_SUFFIX, write_atomic
-
-FORMAT = "flame-embeddings"
-VERSION = 1
-DTYPES = {"fp16": np.float16, "int8": np.int8}
-# Manifest fields that may differ between two runs writing the same store.
-_IGNORED_IN_COMPARISON = {("llm", "spec")}
-DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-ATTEMPTS = "attempts"
-
-
-class StoreFull(FlameError):
-    """The disk (or quota, or file-size limit) ran out while writing: fatal for the run,
-    complete shards stay valid."""
-
-
-class NonFiniteShard(FlameError):
-    """A shard's vectors hold NaN/inf (after quantisation): the shard is not committed."""
-
-
-@contextmanager
-def _disk_errors(what: str):
-    try:
-        yield
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise StoreFull(
-                f"{os.strerror(e.errno).lower()} while writing {what}; the complete shards are kept, "
-                "free space (or raise the limit) and rerun the same command"
-            ) from e
-        raise
+from flame.store.format import ATTEMPTS, DTYPES, FORMAT, VERSION, disk_errors, manifest_bytes, manifest_difference
+from flame.store.writer import ShardWriter
 
 
 def _default_max_open() -> int:
@@ -79,133 +27,6 @@ def _default_max_open() -> int:
     if soft == resource.RLIM_INFINITY:
         return 64
     return max(2, min(64, soft // 8))
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-def manifest_difference(old: dict, new: dict) -> str | None:
-    """None if a store with manifest `old` can take rows computed under `new`; otherwise
-    a short description of the first difference (the LLM spec string itself may differ:
-    the weights' fingerprint decides)."""
-    keys = sorted(set(old) | set(new))
-    for key in keys:
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            for sub in sorted(set(a) | set(b)):
-                if (key, sub) in _IGNORED_IN_COMPARISON:
-                    continue
-                if a.get(sub) != b.get(sub):
-                    return f"{key}.{sub}: store has {_short(a.get(sub))}, this run {_short(b.get(sub))}"
-        elif a != b:
-            return f"{key}: store has {_short(a)}, this run {_short(b)}"
-    return None
-
-
-def _short(value, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., D] float -> (int8 [..., D], float32 scale [...]) with x ~= q * scale."""
-    x = np.asarray(vectors, dtype=np.float32)
-    scale = (np.abs(x).max(axis=-1) / 127.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))
-    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
-class ShardWriter:
-    """Streams rows of one shard into temporary files; `commit(keys)` renames them into
-    place (array, scales, then keys last). `abort()` removes the temporary files."""
-
-    def __init__(self, store: EmbeddingStore, name: str, n: int):
-        self.store, self.name, self.n = store, name, n
-        self.paths = store._shard_paths(name)
-        self.tmp = {k: p.with_name(p.name + TMP_SUFFIX) for k, p in self.paths.items()}
-        self.array = self.scale = None
-        try:
-            with _disk_errors(f"shard {name}"):
-                self.array = _allocate(self.tmp["array"], DTYPES[store.dtype], (n, store.k, store.dim))
-                if store.dtype == "int8":
-                    self.scale = _allocate(self.tmp["scale"], np.float32, (n, store.k))
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, rows, vectors: np.ndarray, facets: slice = slice(None)) -> None:
-        """Store float vectors [len(rows), k, D] at `rows` (an index array or slice), facet
-        columns `facets`; quantised per the store's dtype."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):  # non-finite rows are refused at commit
-            if self.scale is None:
-                self.array[rows, facets] = vectors.astype(np.float16)
-            else:
-                q, s = quantize_int8(vectors)
-                self.array[rows, facets] = q
-                self.scale[rows, facets] = s
-
-    def copy_rows(self, dst, src, facets: slice = slice(None)) -> None:
-        """Copy already-stored (quantised) vectors: used for repeated captions."""
-        self.array[dst, facets] = self.array[src, facets]
-        if self.scale is not None:
-            self.scale[dst, facets] = self.scale[src, facets]
-
-    def non_finite_rows(self) -> np.ndarray:
-        """Rows holding a NaN/inf anywhere (fp16 overflow turns large values into inf)."""
-        bad = []
-        for start in range(0, self.n, 1024):
-            if self.scale is not None:  # int8 values are finite; the scale carries NaN/inf
-                ok = np.isfinite(self.scale[start : start + 1024]).all(axis=1)
-            else:
-                ok = np.isfinite(self.array[start : start + 1024]).all(axis=(1, 2))
-            bad.extend(np.flatnonzero(~ok) + start)
-        return np.asarray(bad, dtype=np.int64)
-
-    def commit(self, keys: Sequence[str]) -> int:
-        """Check, fsync and rename everything into place (array, scales, keys last); returns
-        the bytes written. A shard with non-finite vectors raises NonFiniteShard instead."""
-        if len(keys) != self.n:
-            raise ValueError(f"shard {self.name}: {len(keys)} keys for {self.n} rows")
-        bad = self.non_finite_rows()
-        if len(bad):
-            first = ", ".join(repr(keys[i]) for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
-            raise NonFiniteShard(
-                f"{len(bad)} of {self.n} samples have non-finite vectors (NaN/inf, e.g. fp16 overflow in the "
-                f"LLM; first keys: {first}); the shard is not written"
-            )
-        with _disk_errors(f"shard {self.name}"):
-            self.array.flush()
-            self.array = None
-            fileio.replace(self.tmp["array"], self.paths["array"])
-            if self.scale is not None:
-                self.scale.flush()
-                self.scale = None
-                fileio.replace(self.tmp["scale"], self.paths["scale"])
-            write_atomic(self.paths["keys"], (json.dumps(list(keys), ensure_ascii=False) + "\n").encode())
-        return sum(p.stat().st_size for k, p in self.paths.items() if k != "scale" or self.store.dtype == "int8")
-
-    def abort(self) -> None:
-        self.array = self.scale = None
-        for p in self.tmp.values():
-            p.unlink(missing_ok=True)
-
-
-def _allocate(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
-    """A writable .npy memory map whose blocks are reserved on disk now: a full disk fails
-    here with ENOSPC instead of a SIGBUS on some later page write."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-    finally:
-        os.close(fd)
-    return array
 
 
 class KeyIndex:
@@ -361,7 +182,7 @@ class EmbeddingStore:
         except FileNotFoundError:
             raise self._bad(name, f"{what} is missing") from None
         except (OSError, ValueError) as e:
-            raise self._bad(name, f"{what} is not a valid .npy file: {str(e).splitlines()[0]}") from e
+            raise self._bad(name, f"{what} is not a valid .npy file: {first_line(e)}") from e
         want_dtype = np.dtype(dtype)
         if got_dtype != want_dtype:
             raise self._bad(name, f"{what} holds {got_dtype}, the manifest says {self.dtype} ({want_dtype})")
@@ -490,7 +311,7 @@ class EmbeddingStore:
                     f"{path} exists and is not an embedding store (holds {stray[0]!r}); choose another --out"
                 )
         (path / "shards").mkdir(parents=True, exist_ok=True)
-        with _disk_errors(str(mf)):
+        with disk_errors(str(mf)):
             write_atomic(mf, manifest_bytes(manifest))
         return cls(path)
 
@@ -521,7 +342,7 @@ class EmbeddingStore:
         folder.mkdir(exist_ok=True)
         n = self._attempt_count(name) + (error is None)  # a start counts; its failure updates it
         record = json.dumps({"attempts": n, "error": error}, ensure_ascii=False) + "\n"
-        with _disk_errors(f"{folder / name}.json"):
+        with disk_errors(f"{folder / name}.json"):
             write_atomic(folder / f"{name}.json", record)
 
     def _attempt_count(self, name: str) -> int:
