@@ -38,18 +38,6 @@ def main(cfg: Config) -> int:
     return Demo(out, cfg.settings(), progress=cfg.progress).run()
 
 
-def _run_embed(settings: dict) -> int:
-    """`flame embed` with `settings` (its flags' names with `_`: data, prompts, llm, layer, out,
-    device, llm_dtype); returns its exit code. The demo's only use of the command line."""
-    # to become flame.embed.main(EmbedConfig(...)) at merge: config.validate(flame.embed.Config(**settings))
-    from flame.cli import main as flame_main
-
-    argv = ["embed"]
-    for name, value in settings.items():
-        argv += ["--" + name.replace("_", "-"), *(value if isinstance(value, list) else [value])]
-    return flame_main(argv)
-
-
 def stage_key(config: object, root: Path, leave_out: frozenset[str] = frozenset(), **inputs: dict) -> dict:
     """A stage's cache key: its configuration object as plain data (paths under `root` relative
     to it, so a moved demo folder stays cached) without `leave_out`, and the keys of the stages
@@ -180,11 +168,16 @@ class Demo:
         st.estimates["eval"] = 15 + prompt_tokens(self.s.llm, {"raw": [t for v in texts.values() for t in v]}) / rate
 
     # 3 ----------------------------------------------------------------------------------------
-    def _embed_settings(self) -> dict:
-        """`flame embed`'s settings: the short set on the short caption, the long set on the long one.
-        The LLM dtype is filled in by stage 2's measurement."""
-        return dict(data=[str(self.paths.data / "train")], prompts=["short=txt", "long=long.txt"], llm=self.s.llm,
-                    layer=self.s.layer, out=str(self.paths.store), device="cpu", llm_dtype="float32")
+    def _embed_settings(self):
+        """`flame embed`'s configuration (`flame.embed.Config`, checked as the command line checks it):
+        the short set on the short caption, the long set on the long one. The LLM dtype is filled in by
+        stage 2's measurement."""
+        from flame import embed
+        from flame.config import validate
+
+        return validate(embed.Config(
+            data=[str(self.paths.data / "train")], prompts=["short=txt", "long=long.txt"], llm=self.s.llm,
+            layer=self.s.layer, out=str(self.paths.store), device="cpu", llm_dtype="float32"))
 
     def _embed(self, st: Stages) -> None:
         store = self.paths.store
@@ -193,7 +186,9 @@ class Demo:
             st.end(skipped=True)
             return
         shutil.rmtree(store, ignore_errors=True)
-        code = _run_embed({**self.embed_settings, "llm_dtype": self.llm_info.get("dtype", "float32")})
+        from flame import embed
+
+        code = embed.main(replace(self.embed_settings, llm_dtype=self.llm_info.get("dtype", "float32")))
         if code:
             raise FlameError(f"flame embed failed (exit {code}); rerun flame demo to continue")
         st.mark("embed", self.embed_key)
