@@ -469,3 +469,29 @@ def test_model_folder_and_resume_agree_on_the_latest_checkpoint(tmp_path):
     assert latest_checkpoint(run).name == resolve_model_folder(run).name == "checkpoint-6"
     (run / "checkpoint-6" / "state.pt").unlink()  # still a model, no longer resumable
     assert resolve_model_folder(run).name == "checkpoint-6" and latest_checkpoint(run).name == "checkpoint-4"
+
+
+def test_clip_baseline_runs_on_the_train_loop(small_set, tmp_path):
+    """The demo's CLIP baseline: its recipe is a TrainConfig (no setting declared twice), it trains
+    through flame.train's Trainer, and done.json keeps the keys it always had."""
+    from flame.baseline import BaselineConfig, ClipTextConfig, is_complete, load_baseline, train_baseline
+    from flame.train import TrainConfig
+
+    tower = {"tower": "vit-tiny", "embed_dim": 16, "proj_hidden": 32, "pool_first": False, "image_size": 32,
+             "tower_kwargs": {}}
+    cfg = BaselineConfig(shards=[str(p) for p in sorted((small_set / "shards").glob("*.tar"))],
+                         store=str(small_set / "store"), out=str(tmp_path / "clip"), tower=tower, steps=3,
+                         batch_size=8, lr=1e-3, warmup=1, weight_decay=0.5, seed=0, workers=0,
+                         text=ClipTextConfig(width=32, heads=2, layers=1), data={"set": "small"})
+    assert isinstance(cfg.recipe, TrainConfig) and cfg.recipe.steps == 3 and cfg.recipe.workers == 0
+    assert set(cfg.to_dict()) == {"shards", "store", "out", "tower", "steps", "batch_size", "lr", "warmup", "min_lr",
+                                  "weight_decay", "betas", "eps", "crop_scale", "seed", "log_every", "caption_ext",
+                                  "text", "data"}
+    records: list[dict] = []
+    out = train_baseline(cfg, progress=False, on_log=records.append)
+    assert [r["step"] for r in records] == [3] and np.isfinite(records[0]["loss"])
+    assert is_complete(out, cfg) and not (out / "train-config.json").exists()
+    image, text = load_baseline(out)
+    assert image.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 16) and text.encode(["a"]).shape == (1, 16)
+    with pytest.raises(Exception, match="--batch-size"):
+        BaselineConfig(shards=cfg.shards, store=cfg.store, out=cfg.out, tower=tower, steps=3, batch_size=0)

@@ -13,8 +13,8 @@ from flame import distributed as dist
 
 
 def all_finite(tensors: Iterable[torch.Tensor | None], device: torch.device) -> torch.Tensor:
-    """One device-side flag: every element of every tensor is finite."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    """One device-side flag: every element of every tensor (dense or sparse) is finite."""
+    flags = [torch.isfinite(t.coalesce().values() if t.is_sparse else t).all() for t in tensors if t is not None]
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 

@@ -29,25 +29,36 @@ log = logging.getLogger("flame.train")
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, plan: Plan, device: torch.device):
-        from flame.loss import MultiPositiveSigmoidLoss
+    """The FLAME run. A variant (the demo's CLIP baseline) overrides `build`, `loss` and the
+    reporting hooks and keeps the loop, the state, the guard and the logger."""
 
+    desc = "train"  # the progress bar's label
+
+    def __init__(self, cfg: TrainConfig, plan: Plan, device: torch.device):
         self.cfg, self.plan, self.device = cfg, plan, device
         self.main, self.run = dist.is_main(), Path(cfg.out)
         self.evaluator = _evaluator(cfg, plan, device)  # before the seed: it loads (and frees) the LLM
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.seed)
-        self.model = build_model(cfg, plan, device)
-        self.ddp = dist.wrap_ddp(self.model, device)
-        self.optimizer = adamw(param_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)
-        self.scheduler = schedule(self.optimizer, plan.warmup, plan.steps, cfg.lr, cfg.min_lr)
-        self.loss_fn = MultiPositiveSigmoidLoss()
-        self.bf16 = use_bf16(cfg, device)
+        self.build()
         self.state = TrainState()
         self.guard = NonFiniteGuard(cfg.max_nonfinite, device)
         self.global_batch = cfg.batch_size * cfg.accum * dist.world_size()
         self.last_saved: Path | None = plan.resume_from  # the newest checkpoint with finite weights
+
+    def build(self) -> None:
+        """The model, its (DDP) forward, the parameters trained, optimizers, schedules and loss."""
+        from flame.loss import MultiPositiveSigmoidLoss
+
+        cfg, plan = self.cfg, self.plan
+        self.model = build_model(cfg, plan, self.device)
+        self.ddp = dist.wrap_ddp(self.model, self.device)
+        self.trained: torch.nn.Module = self.model
+        self.optimizers = [adamw(param_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)]
+        self.schedulers = [schedule(self.optimizers[0], plan.warmup, plan.steps, cfg.lr, cfg.min_lr)]
+        self.loss_fn = MultiPositiveSigmoidLoss()
+        self.bf16 = use_bf16(cfg, self.device)
 
     def fit(self) -> int:
         self.resume()
@@ -56,7 +67,7 @@ class Trainer:
         self.describe()
         self.logger = Logger(self.run, self.main, self.cfg.tensorboard, self.state.step)
         self.console = Console(self.main, self.cfg.progress, self.plan.steps * self.global_batch,
-                               self.state.step * self.global_batch)
+                               self.state.step * self.global_batch, desc=self.desc)
         self.meter = Meter(self.state.step, self.device)
         data = iter(loader)
         self.ddp.train()
@@ -71,69 +82,86 @@ class Trainer:
             self.logger.close()
             del data
         dist.leave_together()
-        if self.main:
-            print(f"done: {self.plan.steps} steps; model in {self.run / checkpoint_name(self.plan.steps)}")
+        self.finish()
         return 0
 
     # -- the four parts of a step ----------------------------------------------------------
     def train_step(self, data) -> bool:
         """One optimizer step over `accum` micro-batches; returns whether it was skipped (a
         non-finite loss or gradient on any rank: no rank steps on it)."""
-        from flame.data.images import normalize_images
-
-        cfg, model, device = self.cfg, self.model, self.device
-        step_loss = torch.zeros((), device=device)
-        for micro in range(cfg.accum):
+        accum = self.cfg.accum
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(accum):
             batch = next_batch(data)
             self.state.observe(batch["state"])
-            images = normalize_images(batch["images"].to(device, non_blocking=True), model.mean, model.std)
-            texts = batch["texts"].to(device, non_blocking=True).float()
-            with dist.no_sync(self.ddp, micro < cfg.accum - 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    out = self.ddp(images)
-                    loss = self.loss_fn(out["image"], texts, out["logit_scale"], out["logit_bias"])
-                (loss / cfg.accum).backward()
+            with dist.no_sync(self.ddp, micro < accum - 1):
+                loss = self.loss(batch)
+                (loss / accum).backward()
             step_loss = step_loss + loss.detach().float()
-        skip = self.guard.skip(step_loss, model)
+        skip = self.guard.skip(step_loss, self.trained)
         self.state.step += 1
         if skip:
             self.console.say(self.guard.message(self.state.step))
             self.guard.check_run(self.state.step, self.last_saved)
             with warnings.catch_warnings():  # the schedule follows the data: it advances on a skipped step
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                self.scheduler.step()
+                for scheduler in self.schedulers:
+                    scheduler.step()
         else:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.meter.add(step_loss, cfg.accum)
-        self.optimizer.zero_grad(set_to_none=True)
-        model.clamp_()
+            for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+                optimizer.step()
+                scheduler.step()
+            self.meter.add(step_loss, accum)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self.after_update()
         self.console.advance(self.global_batch)
         return skip
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """The loss of one micro-batch (through DDP, under bf16 autocast where chosen)."""
+        from flame.data.images import normalize_images
+
+        device, model = self.device, self.model
+        images = normalize_images(batch["images"].to(device, non_blocking=True), model.mean, model.std)
+        texts = batch["texts"].to(device, non_blocking=True).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.ddp(images)
+            return self.loss_fn(out["image"], texts, out["logit_scale"], out["logit_bias"])
+
+    def after_update(self) -> None:
+        self.model.clamp_()
 
     def log(self, skipped: bool) -> None:
         """Every `log_every` steps, the last step and every skipped one (a collective)."""
         step = self.state.step
         if not (step % self.cfg.log_every == 0 or step == self.plan.steps or skipped):
             return
+        record = self.record(step)
+        self.logger.write(record)
+        self.report(record)
+        self.console.postfix(record["loss"])
+        self.meter.reset(step)
+
+    def record(self, step: int) -> dict:
+        """The log.jsonl record of this step (the loss and counts summed over every rank)."""
         speed = self.meter.images_per_s(step, self.global_batch)
         missing, undecodable, samples = dist.all_reduce_sum_int(self.state.totals(), self.device)
-        loss = self.meter.mean_loss()
-        record = {
-            "step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+        return {
+            "step": step, "loss": self.meter.mean_loss(), "lr": self.schedulers[0].get_last_lr()[0],
             "logit_scale": self.model.logit_scale.exp().item(), "logit_bias": self.model.logit_bias.item(),
             "images_per_s": speed, "epoch": self.state.epoch, "samples": samples, "skipped_missing": missing,
             "skipped_undecodable": undecodable, "nonfinite": self.guard.logged(),
         }
-        self.logger.write(record)
+
+    def report(self, r: dict) -> None:
+        loss = "n/a" if r["loss"] is None else f"{r['loss']:.4f}"
         self.console.say(
-            f"step {step}/{self.plan.steps}  loss {'n/a' if loss is None else f'{loss:.4f}'}  "
-            f"lr {record['lr']:.2e}  t {record['logit_scale']:.2f}  b {record['logit_bias']:.2f}  "
-            f"{speed:.1f} img/s  epoch {record['epoch']}  skipped {missing} no-embedding, "
-            f"{undecodable} undecodable, {self.guard.total} non-finite steps"
+            f"step {r['step']}/{self.plan.steps}  loss {loss}  lr {r['lr']:.2e}  t {r['logit_scale']:.2f}  "
+            f"b {r['logit_bias']:.2f}  {r['images_per_s']:.1f} img/s  epoch {r['epoch']}  skipped "
+            f"{r['skipped_missing']} no-embedding, {r['skipped_undecodable']} undecodable, "
+            f"{self.guard.total} non-finite steps"
         )
-        self.console.postfix(loss)
-        self.meter.reset(step)
 
     def evaluate(self) -> None:
         if self.evaluator is not None:
@@ -147,7 +175,7 @@ class Trainer:
             return
         self.guard.check_weights(self.model, step, self.last_saved)
         schedule_ = {"steps": self.cfg.steps, "epochs": self.cfg.epochs, "total": self.plan.steps}
-        state = checkpoint_state(self.state, self.optimizer, self.scheduler, workers=self.cfg.workers,
+        state = checkpoint_state(self.state, self.optimizers[0], self.schedulers[0], workers=self.cfg.workers,
                                  data=self.plan.data, schedule=schedule_)
         error = None
         if self.main:
@@ -157,6 +185,10 @@ class Trainer:
                 error = str(e)
         dist.check_errors(error)
         self.last_saved = self.run / checkpoint_name(step)
+
+    def finish(self) -> None:
+        if self.main:
+            print(f"done: {self.plan.steps} steps; model in {self.run / checkpoint_name(self.plan.steps)}")
 
     # -- before the first step ----------------------------------------------------------------
     def resume(self) -> None:
@@ -168,8 +200,8 @@ class Trainer:
 
         weights = self.plan.resume_from / "model.safetensors"
         self.model.load_state_dict(load_file(str(weights), device=str(self.device)))
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        self.optimizers[0].load_state_dict(saved["optimizer"])
+        self.schedulers[0].load_state_dict(saved["scheduler"])
         self.state.resume(saved, self.cfg.workers)
         if self.main:
             log.info("resumed from %s at step %d", self.plan.resume_from, self.state.step)
