@@ -420,3 +420,78 @@ def test_torchrun_two_processes_train_and_resume(small_set, tmp_path):
     proc = torchrun("--resume", "--lr", "0.01")  # a changed setting: one line from rank 0 only
     assert proc.returncode != 0
     assert proc.stderr.count("flame train: error: --resume: settings differ") == 1
+
+
+# ---------------------------------------------------------------------------------------
+# settings: declared once in TrainConfig, --config YAML checked like the flags
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("yaml,expect", [("lr: abc\n", "--lr (lr): expected a finite number"),
+                                         ("batch_size: 0\n", "--batch-size must be >= 1 (got 0)")])
+def test_config_file_with_a_wrong_value_is_one_line_exit_2(yaml, expect, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml)
+    code = flame_main(["train", "--config", str(cfg), "--data", str(tmp_path), "--embeddings", str(tmp_path),
+                       "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_the_defaults_of_the_dataclass(capsys):
+    with pytest.raises(SystemExit):
+        flame_main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default 384)", "(default max(D, 4096))", "(default 32 if no --steps)", "(default min(6, K))",
+                  "--no-progress", "--no-tensorboard", "--pool-first [BOOL]", "--resume [CHECKPOINT]",
+                  "--crop-scale LO HI", "--betas B1 B2", "-m POSITIVES", "--config FILE"):
+        assert shown in text, shown
+
+
+def test_model_folder_and_resume_agree_on_the_latest_checkpoint(tmp_path):
+    """One rule (flame.runfolder): `latest`, then the ledger's write order, then the highest step."""
+    from flame.model import resolve_model_folder
+    from flame.runfolder import LEDGER, latest_checkpoint
+
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        ckpt = run / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        for name in ("model.safetensors", "config.json", "state.pt"):
+            (ckpt / name).write_text("x")
+    (run / LEDGER).write_text(json.dumps({"written": ["checkpoint-6", "checkpoint-2", "checkpoint-4"]}))
+    assert latest_checkpoint(run).name == resolve_model_folder(run).name == "checkpoint-4"  # write order
+    (run / "latest").write_text("checkpoint-2\n")
+    assert latest_checkpoint(run).name == resolve_model_folder(run).name == "checkpoint-2"
+    (run / "latest").unlink()
+    (run / LEDGER).unlink()
+    assert latest_checkpoint(run).name == resolve_model_folder(run).name == "checkpoint-6"
+    (run / "checkpoint-6" / "state.pt").unlink()  # still a model, no longer resumable
+    assert resolve_model_folder(run).name == "checkpoint-6" and latest_checkpoint(run).name == "checkpoint-4"
+
+
+def test_clip_baseline_runs_on_the_train_loop(small_set, tmp_path):
+    """The demo's CLIP baseline: its recipe is a TrainConfig (no setting declared twice), it trains
+    through flame.train's Trainer, and done.json keeps the keys it always had."""
+    from flame.baseline import BaselineConfig, ClipTextConfig, is_complete, load_baseline, train_baseline
+    from flame.train import TrainConfig
+
+    tower = {"tower": "vit-tiny", "embed_dim": 16, "proj_hidden": 32, "pool_first": False, "image_size": 32,
+             "tower_kwargs": {}}
+    cfg = BaselineConfig(shards=[str(p) for p in sorted((small_set / "shards").glob("*.tar"))],
+                         store=str(small_set / "store"), out=str(tmp_path / "clip"), tower=tower, steps=3,
+                         batch_size=8, lr=1e-3, warmup=1, weight_decay=0.5, seed=0, workers=0,
+                         text=ClipTextConfig(width=32, heads=2, layers=1), data={"set": "small"})
+    assert isinstance(cfg.recipe, TrainConfig) and cfg.recipe.steps == 3 and cfg.recipe.workers == 0
+    assert set(cfg.to_dict()) == {"shards", "store", "out", "tower", "steps", "batch_size", "lr", "warmup", "min_lr",
+                                  "weight_decay", "betas", "eps", "crop_scale", "seed", "log_every", "caption_ext",
+                                  "text", "data"}
+    records: list[dict] = []
+    out = train_baseline(cfg, progress=False, on_log=records.append)
+    assert [r["step"] for r in records] == [3] and np.isfinite(records[0]["loss"])
+    assert is_complete(out, cfg) and not (out / "train-config.json").exists()
+    image, text = load_baseline(out)
+    assert image.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 16) and text.encode(["a"]).shape == (1, 16)
+    with pytest.raises(Exception, match="--batch-size"):
+        BaselineConfig(shards=cfg.shards, store=cfg.store, out=cfg.out, tower=tower, steps=3, batch_size=0)

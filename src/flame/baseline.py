@@ -6,37 +6,46 @@ What is held equal to the FLAME run, so that only the text side differs: the ima
 config (trunk, per-token projector to D, pooling), the training stream (same shards, crops,
 order and seed: `flame.data.images`' loader, joined with the same store only so that the
 batches are identical; the stored vectors are not used), batch size, steps, learning-rate
-schedule and optimizer settings. The image side is saved as a `FlameModel` folder, so the
-evaluation code reads it exactly like a FLAME checkpoint; `ClipText` supplies its texts.
+schedule and optimizer settings. It is trained by `flame train`'s own loop (`ClipTrainer`, a
+`flame.train.loop.Trainer` with the CLIP model, loss and optimizers), planned and checked by
+`flame.train.plan` from a `TrainConfig` (`BaselineConfig.recipe`). The image side is saved as a
+`FlameModel` folder, so the evaluation code reads it exactly like a FLAME checkpoint; `ClipText`
+supplies its texts.
 
 Folder written by `train_baseline` (`done.json` last, so a run that stopped is redone):
     OUT/image/            FlameModel (model.safetensors + config.json) of the image side
     OUT/text.safetensors  text transformer + logit scale
-    OUT/log.jsonl         {"step", "loss", "lr", "logit_scale"} every log_every steps
+    OUT/log.jsonl         {"step", "loss", "lr", "logit_scale", "images_per_s"} every log_every steps
     OUT/done.json         the settings it was trained with
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flame.distributed import resolve_device
 from flame.errors import FlameError
-from flame.fileio import write_atomic
-
-log = logging.getLogger("flame.baseline")
+from flame.fileio import replace, write_atomic
+from flame.train.config import TrainConfig, validate
+from flame.train.loop import Trainer
+from flame.train.optim import adamw, param_groups, schedule
+from flame.train.plan import plan
 
 VOCAB = 49408  # open_clip's SimpleTokenizer (its BPE file ships inside the open_clip package)
+# the TrainConfig settings the baseline shares with the FLAME run (and records in done.json)
+SHARED = ("steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay", "betas", "eps", "crop_scale", "seed",
+          "log_every")
 
 
 @dataclass
@@ -47,31 +56,32 @@ class ClipTextConfig:
     layers: int = 3
 
 
-@dataclass
 class BaselineConfig:
-    shards: list[str]
-    store: str  # the FLAME run's store: only to build the identical image stream
-    out: str
-    tower: dict  # TowerConfig.to_dict() of the FLAME run (embed_dim = the LLM's D)
-    steps: int
-    batch_size: int
-    lr: float = 5e-4
-    warmup: int = 0
-    min_lr: float = 0.0
-    weight_decay: float = 0.5
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    crop_scale: tuple[float, float] = (0.9, 1.0)
-    seed: int = 0
-    workers: int = 1
-    log_every: int = 10
-    caption_ext: str = "txt"
-    text: ClipTextConfig = field(default_factory=ClipTextConfig)
-    data: dict = field(default_factory=dict)  # what the caller knows about the data (a changed set retrains)
+    """What the baseline needs beyond the training recipe, plus the recipe itself as a validated
+    `TrainConfig` (`recipe`): every other keyword is a TrainConfig setting (steps, batch_size, lr,
+    warmup, weight_decay, seed, workers, ...), so none is declared twice.
+
+    shards: the FLAME run's image shards; store: its store (only to build the identical image
+    stream); tower: the FLAME run's TowerConfig.to_dict(); data: what the caller knows about the
+    data (a changed set retrains)."""
+
+    def __init__(self, shards: Sequence[str], store: str, out: str, tower: dict,
+                 text: ClipTextConfig | None = None, caption_ext: str = "txt", data: dict | None = None, **recipe):
+        self.shards, self.store, self.out = [str(s) for s in shards], str(store), str(out)
+        self.tower, self.caption_ext, self.data = dict(tower), caption_ext, dict(data or {})
+        self.text = text or ClipTextConfig()
+        given = {"warmup": 0, "workers": 1, "device": "cpu", "tensorboard": False, **recipe}
+        self.recipe = validate(TrainConfig(
+            data=self.shards, embeddings=self.store, out=self.out, tower=self.tower.get("tower", "vit-b-16"),
+            image_size=self.tower.get("image_size"), proj_hidden=self.tower.get("proj_hidden"),
+            pool_first=bool(self.tower.get("pool_first")), facets="0", positives=1, **given))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if k != "workers"}
+        """The settings done.json records (the same keys as before the recipe was a TrainConfig)."""
+        shared = {k: getattr(self.recipe, k) for k in SHARED}
+        d = {"shards": self.shards, "store": self.store, "out": self.out, "tower": self.tower, **shared,
+             "caption_ext": self.caption_ext, "text": asdict(self.text), "data": self.data}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 class ClipTextTower(nn.Module):
@@ -137,15 +147,87 @@ def is_complete(out: str | Path, config: BaselineConfig) -> bool:
         return False
 
 
+class ClipTrainer(Trainer):
+    """`flame train`'s loop, state, guard and log with the CLIP pieces: image tower + text
+    transformer, ClipLoss, and a lazy (sparse) Adam for the 49,408-row token table, whose dense
+    AdamW step would cost more than the whole image tower. Not resumable: `finish` saves once."""
+
+    desc = "clip baseline"
+
+    def __init__(self, cfg: TrainConfig, plan_, device: torch.device, config: BaselineConfig,
+                 captions: dict[str, str], on_log: Callable[[dict], None] | None):
+        self.config, self.captions, self.on_log = config, captions, on_log
+        self.started = time.perf_counter()
+        super().__init__(cfg, plan_, device)
+
+    def build(self) -> None:
+        from open_clip.loss import ClipLoss
+
+        from flame.model import FlameModel
+
+        cfg, plan_ = self.cfg, self.plan
+        self.model = FlameModel(plan_.tower_config, {"kind": "clip-baseline"})
+        self.text = ClipTextTower(self.config.text, plan_.tower_config.embed_dim)
+        self.trained = self.ddp = nn.ModuleList([self.model.visual, self.text]).to(self.device)
+        self.model.to(self.device)
+        emb = self.text.transformer.token_embedding
+        emb.sparse = True
+        groups = param_groups(self.model.visual, cfg.weight_decay) + [
+            {**g, "params": [q for q in g["params"] if q is not emb.weight]}
+            for g in param_groups(self.text, cfg.weight_decay)
+        ]
+        self.optimizers = [adamw(groups, cfg.lr, cfg.betas, cfg.eps),
+                           torch.optim.SparseAdam([emb.weight], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)]
+        self.schedulers = [schedule(o, plan_.warmup, plan_.steps, cfg.lr, cfg.min_lr) for o in self.optimizers]
+        self.loss_fn = ClipLoss()
+        self.bf16 = False
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        from flame.data.images import normalize_images
+
+        images = normalize_images(batch["images"].to(self.device), self.model.mean, self.model.std)
+        tokens = self.text.tokenize([self.captions[k] for k in batch["keys"]]).to(self.device)
+        return self.loss_fn(self.model.visual(images), self.text(tokens), self.text.logit_scale.exp())
+
+    def after_update(self) -> None:
+        with torch.no_grad():
+            self.text.logit_scale.clamp_(0, math.log(100))
+
+    def record(self, step: int) -> dict:
+        return {"step": step, "loss": self.meter.mean_loss(), "lr": self.schedulers[0].get_last_lr()[0],
+                "logit_scale": self.text.logit_scale.exp().item(),
+                "images_per_s": self.meter.images_per_s(step, self.global_batch)}
+
+    def report(self, record: dict) -> None:
+        if self.on_log:
+            self.on_log(record)
+
+    def prepare_run_folder(self) -> None:  # OUT is the baseline's own folder (see the module docstring)
+        pass
+
+    def describe(self) -> None:
+        pass
+
+    def checkpoint(self) -> None:  # saved once, by finish
+        pass
+
+    def finish(self) -> None:
+        """OUT/image, OUT/text.safetensors, then OUT/done.json (last: a run that stopped is redone)."""
+        from safetensors.torch import save_file
+
+        out = Path(self.config.out)
+        self.model.eval()
+        self.model.save(out / "image")
+        state = {k: v.detach().contiguous() for k, v in self.text.state_dict().items()}
+        save_file(state, str(out / "text.safetensors.tmp"))
+        replace(out / "text.safetensors.tmp", out / "text.safetensors")
+        write_atomic(out / "done.json", json.dumps({"config": self.config.to_dict(),
+                                                    "seconds": time.perf_counter() - self.started}, indent=2) + "\n")
+
+
 def train_baseline(config: BaselineConfig, progress: bool = True,
                    on_log: Callable[[dict], None] | None = None) -> Path:
     """Train (or find already trained) the CLIP baseline; returns its folder."""
-    from open_clip.loss import ClipLoss
-
-    from flame.data.images import StreamConfig, make_loader, normalize_images
-    from flame.model import FlameModel
-    from flame.store import EmbeddingStore
-    from flame.train import lr_lambda, param_groups
     from flame.vision import TowerConfig
 
     out = Path(config.out)
@@ -154,84 +236,13 @@ def train_baseline(config: BaselineConfig, progress: bool = True,
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    torch.manual_seed(config.seed)
-    tower_config = TowerConfig.from_dict(config.tower)
-    image = FlameModel(tower_config, {"kind": "clip-baseline"})
-    text = ClipTextTower(config.text, tower_config.embed_dim)
     captions = _captions(config.shards, config.caption_ext)
     if not captions:
         raise FlameError(f"no {config.caption_ext!r} captions in {', '.join(config.shards)}")
-    store = EmbeddingStore(config.store)
-    # The 49,408-row token table gets sparse gradients and a lazy Adam (only rows of tokens in the
-    # batch move): a dense AdamW step over it would cost more than the whole image tower.
-    emb = text.transformer.token_embedding
-    emb.sparse = True
-    params = param_groups(image.visual, config.weight_decay) + [
-        {**g, "params": [q for q in g["params"] if q is not emb.weight]}
-        for g in param_groups(text, config.weight_decay)
-    ]
-    schedule = lr_lambda(config.warmup, config.steps, config.min_lr / config.lr)
-    optims = [torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps),
-              torch.optim.SparseAdam([emb.weight], lr=config.lr, betas=tuple(config.betas), eps=config.eps)]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optims]
-    loss_fn = ClipLoss()
-    stream = StreamConfig(shards=list(config.shards), store=str(store.path), image_size=image.image_size,
-                          batch_size=config.batch_size, m=1, eligible=[0], seed=config.seed,
-                          crop_scale=tuple(config.crop_scale))
-    loader = iter(make_loader(stream, config.workers))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps * config.batch_size, unit="img", unit_scale=True, desc="clip baseline",
-                   dynamic_ncols=True, disable=None)
-    logf = (out / "log.jsonl").open("w")
-    image.train()
-    text.train()
-    t0, losses = time.perf_counter(), []
-    try:
-        for step in range(1, config.steps + 1):
-            batch = next(loader)
-            images = normalize_images(batch["images"], image.mean, image.std)
-            tokens = text.tokenize([captions[k] for k in batch["keys"]])
-            img = image.visual(images)
-            txt = text(tokens)
-            loss = loss_fn(img, txt, text.logit_scale.exp())
-            for o in optims:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o, sc in zip(optims, scheds):
-                o.step()
-                sc.step()
-            with torch.no_grad():
-                text.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
-            if bar is not None:
-                bar.update(config.batch_size)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if step % config.log_every == 0 or step == config.steps:
-                record = {"step": step, "loss": sum(losses) / len(losses), "lr": scheds[0].get_last_lr()[0],
-                          "logit_scale": float(text.logit_scale.exp()),
-                          "images_per_s": step * config.batch_size / (time.perf_counter() - t0)}
-                losses = []
-                logf.write(json.dumps(record) + "\n")
-                logf.flush()
-                if on_log:
-                    on_log(record)
-    finally:
-        logf.close()
-        if bar is not None:
-            bar.close()
-        del loader
-    image.eval()
-    image.save(out / "image")
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in text.state_dict().items()}
-    save_file(state, str(out / "text.safetensors.tmp"))
-    (out / "text.safetensors.tmp").replace(out / "text.safetensors")
-    write_atomic(out / "done.json", json.dumps({"config": config.to_dict(),
-                                                "seconds": time.perf_counter() - t0}, indent=2) + "\n")
+    cfg = dataclasses.replace(config.recipe, progress=progress)
+    planned = plan(cfg)  # the FLAME run's checks, stream and schedule (m=1 of facet 0: the vectors are unused)
+    planned.tower_config = TowerConfig.from_dict(config.tower)
+    ClipTrainer(cfg, planned, resolve_device(cfg.device), config, captions, on_log).fit()
     return out
 
 

@@ -43,23 +43,18 @@ def text_side(manifest: dict) -> dict:
 
 
 def resolve_model_folder(path: str | Path) -> Path:
-    """A run folder -> its latest complete checkpoint; a checkpoint/model folder -> itself.
+    """A run folder -> its latest checkpoint holding a model (`flame.runfolder`'s one rule:
+    `latest`, then the ledger, then the highest step); a checkpoint/model folder -> itself.
     Anything else is one FlameError naming what was expected."""
+    from flame.runfolder import MODEL_FILES, latest_checkpoint
+
     path = Path(path).expanduser()
     if (path / CONFIG).is_file():
         return path
     if path.is_dir():
-        marker = path / "latest"
-        if marker.is_file():
-            ckpt = path / marker.read_text().strip()
-            if (ckpt / CONFIG).is_file():
-                return ckpt
-        found = sorted(
-            (p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / CONFIG).is_file()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        if found:
-            return found[-1]
+        found = latest_checkpoint(path, MODEL_FILES)
+        if found is not None:
+            return found
     what = "does not exist" if not path.exists() else "is not a FLAME model"
     raise FlameError(
         f"{path} {what}: expected a run folder (from flame train) or a checkpoint/model folder "

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flame.errors import FlameError
+from flame.weights import load_state_dict
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -231,28 +232,8 @@ class ImageTower(nn.Module):
         return load_trunk_state(self.trunk, path)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FlameError(f"tower checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FlameError(f"cannot read tower checkpoint {path}: {e}") from e
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise FlameError(f"tower checkpoint {path} does not hold a state dict")
-    return sd
-
-
 def load_trunk_state(trunk: Trunk, path: str | Path) -> dict:
-    sd = _read_state_dict(Path(path))
+    sd = load_state_dict(path, "tower checkpoint")
     own = trunk.state_dict()
     inner = "vit." if isinstance(trunk, OpenClipTrunk) else "model."
     mapped: dict[str, torch.Tensor] = {}

@@ -1,0 +1,136 @@
+"""`TrainConfig`: every `flame train` setting, declared once (type, default, help, check).
+
+`flame.cli` builds the flags, their "(default ...)" text and `--config YAML` from these fields;
+`flame.config.validate` converts and range-checks them. A default that depends on the data or
+the device is a `None` field whose `shown` text says how it is derived; `flame.train.plan`
+computes each of them, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from flame import config as settings
+from flame.config import POSITIVE, at_least, setting
+
+DEFAULT_EPOCHS = 32.0  # when neither --steps nor --epochs is given
+DEFAULT_POSITIVES = 6  # m, capped at the eligible facets
+# settings that may change between a run and its resume without --force
+RESUME_FREE = {"out", "resume", "force", "log_every", "save_every", "keep", "tensorboard", "progress", "config",
+               "eval", "eval_every", "max_nonfinite"}
+
+DESCRIPTION = (
+    "Train a FLAME image tower on webdataset image shards against an embedding store made by "
+    "`flame embed` (the LLM is never loaded). Defaults follow the FLAME recipe (AdamW lr 5e-4, "
+    "betas 0.9/0.95, wd 0.5, cosine with 2000 warm-up steps, m=6 positives). Launch with "
+    "`torchrun --nproc_per_node N -m flame train ...` for several GPUs or machines."
+)
+
+
+def _is_logit_scale(v: str) -> bool:
+    try:
+        return v == "auto" or 1.0 <= float(v) <= 100.0
+    except ValueError:
+        return False
+
+
+def _betas(v: tuple[float, float]) -> bool:
+    return all(0 <= b < 1 for b in v)
+
+
+def _crop(v: tuple[float, float]) -> bool:
+    return 0 < v[0] <= v[1] <= 1
+
+
+ONE = at_least(1)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: list[str] = setting([], required=True, metavar="SHARDS", group="data",
+                              help="image shards: brace pattern, glob, folder or files (keys must match the store)")
+    embeddings: str = setting("", required=True, metavar="STORE", group="data",
+                              help="embedding store folder from flame embed")
+    out: str = setting("", required=True, metavar="RUN", group="data", help="run folder (checkpoints, logs)")
+    workers: int = setting(4, check=at_least(0), group="data", help="data-loader processes per rank")
+    crop_scale: tuple[float, float] = setting((0.9, 1.0), check=(_crop, "must be LO HI with 0 < LO <= HI <= 1"),
+                                              metavar=("LO", "HI"), group="data",
+                                              help="random resized crop area range")
+    # model
+    tower: str = setting("vit-b-16", group="model", help="vit-tiny, vit-s-16, vit-b-16, vit-b-32, vit-l-14, timm:NAME")
+    image_size: int | None = setting(None, check=ONE, shown="the tower's", group="model", help="input resolution")
+    embed_dim: int | None = setting(None, check=ONE, shown="the store's", group="model",
+                                    help="expected text dim D")
+    k: int | None = setting(None, check=ONE, shown="the store's", group="model",
+                            help="expected facets per sample K")
+    proj_hidden: int | None = setting(None, check=ONE, shown="max(D, 4096)", group="model",
+                                      help="projector hidden size H")
+    pool_first: bool = setting(False, optional_value=True, metavar="BOOL", group="model",
+                               help="mean-pool patch tokens before the projector (cheaper; default off = FLAME)")
+    tower_init: str | None = setting(None, metavar="FILE", group="model",
+                                     help="initialise the trunk from a local state dict")
+    grad_checkpointing: bool | None = setting(None, optional_value=True, metavar="BOOL", shown="on for CUDA",
+                                              group="model", help="activation checkpointing in the trunk")
+    # loss
+    facets: str = setting("all", group="loss",
+                          help="eligible positives: all, prompt sets (short,long) or indices (0,2-5)")
+    positives: int | None = setting(None, check=ONE, aliases=("-m",), shown=f"min({DEFAULT_POSITIVES}, K)",
+                                    group="loss", help="positives sampled per image")
+    init_logit_scale: str = setting("10", check=(_is_logit_scale, "must be a number in [1, 100] or auto"),
+                                    metavar="T|auto", group="loss",
+                                    help="initial logit scale t (10 is the recipe); auto = 10 / sqrt(1 - c), c the "
+                                         "mean pairwise cosine of stored vectors, for LLMs whose embeddings crowd "
+                                         "into a cone")
+    # optimisation (FLAME recipe)
+    batch_size: int = setting(384, check=ONE, group="optimisation", help="images per rank per micro-step")
+    accum: int = setting(1, check=ONE, group="optimisation", help="gradient accumulation micro-steps")
+    steps: int | None = setting(None, check=ONE, group="optimisation", help="optimizer steps (or --epochs)")
+    epochs: float | None = setting(None, check=POSITIVE, shown=f"{DEFAULT_EPOCHS:g} if no --steps",
+                                   group="optimisation", help="passes over the joined data")
+    lr: float = setting(5e-4, check=POSITIVE, group="optimisation", help="peak learning rate")
+    min_lr: float = setting(0.0, check=at_least(0), group="optimisation", help="cosine floor")
+    warmup: int = setting(2000, check=at_least(0), group="optimisation",
+                          help="linear warm-up steps (one not below the step count is cut to steps/5)")
+    betas: tuple[float, float] = setting((0.9, 0.95), check=(_betas, "must each be in [0, 1)"), metavar=("B1", "B2"),
+                                         group="optimisation", help="AdamW betas")
+    eps: float = setting(1e-8, check=POSITIVE, group="optimisation", help="AdamW eps")
+    weight_decay: float = setting(0.5, check=at_least(0), group="optimisation",
+                                  help="on weight matrices only: not on norms, biases or logit params")
+    precision: str = setting("auto", choices=("auto", "bf16", "fp32"), group="optimisation",
+                             help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    device: str = setting("auto", group="optimisation", help="auto, cpu, cuda")
+    seed: int = setting(0, group="optimisation", help="seed of the model, the crops and the data order")
+    deterministic: bool = setting(False, group="optimisation",
+                                  help="deterministic algorithms (bit-exact resume on CPU)")
+    # bookkeeping
+    log_every: int = setting(10, check=ONE, group="run", help="steps between log lines")
+    save_every: int = setting(1000, check=ONE, group="run", help="steps between checkpoints")
+    keep: int = setting(2, check=at_least(0), group="run",
+                        help="checkpoints kept, the most recently written (0 keeps all)")
+    max_nonfinite: int = setting(20, check=ONE, group="run",
+                                 help="stop after this many consecutive steps with a non-finite loss or gradient "
+                                      "(each is skipped)")
+    tensorboard: bool = setting(True, negate="--no-tensorboard", group="run", help="no TensorBoard event files")
+    progress: bool = setting(True, negate="--no-progress", group="run", help="no progress bar")
+    eval: str | None = setting(None, metavar="SUITE", group="run",
+                               help="evaluate on this flame-eval suite file during training (rank 0; logged as "
+                                    "eval/NAME/METRIC)")
+    eval_every: int = setting(1000, check=ONE, group="run", help="steps between evaluations (and the last step)")
+    resume: str | None = setting(None, optional_value="latest", metavar="CHECKPOINT", group="run",
+                                 help="continue the run in --out (from RUN/latest or the named checkpoint folder); "
+                                      "a run folder with no checkpoint yet starts from step 0, so requeued jobs can "
+                                      "always pass it")
+    force: bool = setting(False, group="run",
+                          help="resume despite changed settings or data / start over in a non-empty --out (the old "
+                               "checkpoints are deleted only after every setting has been checked)")
+
+    def comparable(self) -> dict:
+        """The settings a resume must match (train-config.json's "config")."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in RESUME_FREE}
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Convert every setting to its type and check its range: one FlameError before anything
+    is read, written or deleted (the API path; the command line does the same in flame.cli)."""
+    return settings.validate(cfg)

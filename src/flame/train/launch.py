@@ -1,0 +1,53 @@
+"""`train(cfg)`: one process per device (torchrun or alone). Every rank validates and plans; the
+first error (rank 0's if it has one) is what every rank reports, so a job fails as one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flame import distributed as dist
+from flame.errors import FlameError, first_line
+from flame.train.checkpoint import RunLock
+from flame.train.config import TrainConfig, validate
+from flame.train.loop import Trainer
+from flame.train.plan import plan
+
+
+def train(cfg: TrainConfig) -> int:
+    device = dist.init(cfg.device)
+    try:
+        return _train(cfg, device)
+    except dist.AgreedError:
+        dist.leave_together()
+        if not dist.is_main():  # every rank raised it at the same point: rank 0 prints it once and exits 2;
+            return 0  # exiting 0 here keeps torchrun from stopping rank 0 before it has printed
+        raise
+    except FlameError as e:  # this rank alone: it reports and exits 2, and torchrun stops the others
+        if not dist.is_main():
+            raise FlameError(f"rank {dist.rank()}: {e}") from e
+        raise
+    except torch.distributed.DistError as e:  # a peer died (its own error says why): one line, not a traceback
+        if dist.world_size() == 1:
+            raise
+        raise FlameError(f"rank {dist.rank()}: lost contact with another rank ({first_line(e, 200)})") from e
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> int:
+    lock, error, p = None, None, None
+    try:
+        validate(cfg)
+        if dist.is_main():
+            lock = RunLock(Path(cfg.out))
+        p = plan(cfg)
+    except FlameError as e:
+        error = str(e)
+    try:
+        dist.check_errors(error)
+        return Trainer(cfg, p, device).fit()
+    finally:
+        if lock is not None:
+            lock.release()

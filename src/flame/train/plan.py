@@ -1,0 +1,240 @@
+"""What a run will do, worked out and checked before any training time is spent.
+
+`plan(cfg)` reads the shards and the store, checks a resume against its checkpoint, its saved
+settings and its data, and resolves every derived default (m, the step count, the warm-up,
+the initial logit scale; the device-dependent ones are `grad_checkpointing` and `use_bf16`).
+Each check is its own small function and raises one FlameError line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flame import distributed as dist
+from flame.errors import FlameError
+from flame.runfolder import CHECKPOINT_FILES, TRAIN_CONFIG, is_complete, latest_checkpoint
+from flame.train.checkpoint import load_state
+from flame.train.config import DEFAULT_EPOCHS, DEFAULT_POSITIVES, TrainConfig
+
+log = logging.getLogger("flame.train")
+
+
+@dataclass
+class Plan:
+    cfg: TrainConfig
+    shards: list[Path]
+    store: object
+    tower_config: object
+    eligible: list[int]
+    m: int
+    steps: int
+    warmup: int
+    resume_from: Path | None
+    samples: int
+    resume_state: dict | None = None  # the checkpoint's state.pt (plain data), when resuming
+    data: dict = field(default_factory=dict)  # what the data order depends on (kept in every checkpoint)
+    init_logit_scale: float = 10.0  # t at step 0 (resolved from "auto")
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    from flame.data.images import eligible_facets, resolve_shards
+    from flame.store import EmbeddingStore
+    from flame.vision import TowerConfig, check_tower_name
+
+    shards = resolve_shards(cfg.data)
+    store = EmbeddingStore(cfg.embeddings)
+    check_tower_name(cfg.tower)
+    check_store(cfg, store)
+    run = Path(cfg.out)
+    resume_from, state = find_resume(cfg, run), None
+    if resume_from is not None:
+        check_checkpoint(cfg, resume_from, store)
+        check_settings(cfg, run)
+        state = load_state(resume_from)
+    elif run.exists() and any(run.glob("checkpoint-*")) and not cfg.force:
+        raise FlameError(f"{run} already holds checkpoints; pass --resume to continue or --force to start over")
+    eligible = eligible_facets(cfg.facets, store.manifest)
+    m = positives(cfg, eligible)
+    tower_config = TowerConfig(tower=cfg.tower, embed_dim=store.dim, proj_hidden=cfg.proj_hidden,
+                               pool_first=bool(cfg.pool_first), image_size=cfg.image_size)
+    if cfg.tower_init and not Path(cfg.tower_init).is_file():
+        raise FlameError(f"--tower-init {cfg.tower_init} does not exist")
+    usable, samples, data = usable_data(shards, store)
+    if state is not None and not cfg.force:
+        check_same_data(state, data, resume_from)
+    steps = total_steps(cfg, samples, state)
+    init_t = initial_logit_scale(cfg.init_logit_scale, store, usable, eligible) if state is None else 10.0
+    return Plan(cfg, usable, store, tower_config, eligible, m, steps, warmup_steps(cfg.warmup, steps), resume_from,
+                samples, state, data, init_t)
+
+
+# -- checks --------------------------------------------------------------------------------
+def check_store(cfg: TrainConfig, store) -> None:
+    """The store has the D and K the settings expect (when they say)."""
+    if cfg.embed_dim is not None and cfg.embed_dim != store.dim:
+        raise FlameError(f"store {store.path} has D={store.dim} but the model config asks for D={cfg.embed_dim}")
+    if cfg.k is not None and cfg.k != store.k:
+        raise FlameError(f"store {store.path} has K={store.k} facets but the model config asks for K={cfg.k}")
+    if cfg.precision == "bf16" and cfg.device == "cpu":
+        log.info("bf16 autocast on CPU requested")
+
+
+def find_resume(cfg: TrainConfig, run: Path) -> Path | None:
+    """The checkpoint to resume from (None: start at step 0)."""
+    if not cfg.resume:
+        return None
+    resume_from = latest_checkpoint(run) if cfg.resume == "latest" else Path(cfg.resume)
+    if resume_from is None and any(run.glob("checkpoint-*")):
+        raise FlameError(f"--resume: {run} has no complete checkpoint")
+    if resume_from is None:  # a requeued job that was stopped before its first checkpoint
+        log.info("--resume: %s has no checkpoint yet: starting from step 0", run)
+    elif not is_complete(resume_from):
+        raise FlameError(f"--resume: {resume_from} is not a complete checkpoint (needs {', '.join(CHECKPOINT_FILES)})")
+    return resume_from
+
+
+def check_checkpoint(cfg: TrainConfig, ckpt: Path, store) -> None:
+    """The checkpoint was trained for this store's D and K (and, unless --force, its LLM)."""
+    from flame.model import FlameModel
+
+    saved = FlameModel.read_config(ckpt)
+    text, tower = saved.get("text", {}), saved.get("tower", {})
+    if tower.get("embed_dim") != store.dim or text.get("k", store.k) != store.k:
+        raise FlameError(
+            f"checkpoint {ckpt} was trained for D={tower.get('embed_dim')}, K={text.get('k')} "
+            f"but store {store.path} has D={store.dim}, K={store.k}"
+        )
+    fp_old = (text.get("llm") or {}).get("fingerprint")
+    fp_new = (store.manifest.get("llm") or {}).get("fingerprint")
+    if fp_old and fp_new and fp_old != fp_new and not cfg.force:
+        raise FlameError(f"store {store.path} was made by a different LLM than checkpoint {ckpt}")
+
+
+def check_settings(cfg: TrainConfig, run: Path) -> None:
+    """Unless --force, a resume keeps the run's settings (RUN/train-config.json) and world size."""
+    path = run / TRAIN_CONFIG
+    if not path.is_file() or cfg.force:
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise FlameError(f"{path} is unreadable; use --force to resume anyway") from None
+    old_cfg, new_cfg = old.get("config", {}), cfg.comparable()
+    diff = [k for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
+    if old.get("world_size") != dist.world_size():
+        diff.append("world_size")
+    if diff:
+        k = diff[0]
+        was = old.get("world_size") if k == "world_size" else old_cfg.get(k)
+        now = dist.world_size() if k == "world_size" else new_cfg.get(k)
+        raise FlameError(
+            f"--resume: settings differ from the run in {run} ({k}: {was!r} -> {now!r}"
+            f"{f' and {len(diff) - 1} more' if len(diff) > 1 else ''}); use --force to resume anyway"
+        )
+
+
+def usable_data(shards: list[Path], store) -> tuple[list[Path], int, dict]:
+    """(shards with embeddings, their sample count, the data signature kept in checkpoints)."""
+    from flame.data.images import check_data
+    from flame.data.shards import shard_name
+
+    check = check_data(shards, store)
+    if check.missing_shards:
+        log.warning("%d of %d shards have no embeddings in the store and are skipped (e.g. %s)",
+                    len(check.missing_shards), len(shards), check.missing_shards[0])
+    samples = sum(int(store.array(shard_name(p)).shape[0]) for p in check.usable)
+    return check.usable, samples, data_signature(shards, check.usable, samples)
+
+
+def data_signature(shards: list[Path], usable: list[Path], samples: int) -> dict:
+    from flame.data.shards import shard_name
+
+    return {"shards": sorted(shard_name(p) for p in shards), "store_shards": sorted(shard_name(p) for p in usable),
+            "samples": samples}
+
+
+def data_change(old: dict, new: dict) -> str | None:
+    """What changed between two data signatures, in a few words (None: nothing that matters)."""
+    for key, what in (("shards", "the image shards"), ("store_shards", "the store shards used by this run")):
+        if key in old and list(old[key]) != list(new[key]):
+            added, removed = sorted(set(new[key]) - set(old[key])), sorted(set(old[key]) - set(new[key]))
+            parts = [f"{len(added)} added, e.g. {added[0]}" if added else "",
+                     f"{len(removed)} removed, e.g. {removed[0]}" if removed else ""]
+            return f"{what} changed ({'; '.join(p for p in parts if p)})"
+    if old.get("samples") is not None and old["samples"] != new["samples"]:
+        return f"the number of usable samples changed ({old['samples']} -> {new['samples']})"
+    return None
+
+
+def check_same_data(state: dict, data: dict, ckpt: Path) -> None:
+    change = data_change(state.get("data") or {}, data)
+    if change:
+        raise FlameError(f"--resume: {change} since {ckpt.name} was written, so the data order would differ; "
+                         "use --force to resume anyway")
+
+
+# -- derived defaults (each computed here and nowhere else) --------------------------------
+def positives(cfg: TrainConfig, eligible: list[int]) -> int:
+    """m: --positives, else min(6, eligible facets)."""
+    m = cfg.positives if cfg.positives is not None else min(DEFAULT_POSITIVES, len(eligible))
+    if not 1 <= m <= len(eligible):
+        raise FlameError(f"--positives {m}: must be between 1 and the {len(eligible)} eligible facets")
+    return m
+
+
+def total_steps(cfg: TrainConfig, samples: int, state: dict | None) -> int:
+    """--steps, else --epochs (default 32) over the data. A resume whose --epochs are unchanged but
+    whose data size changed keeps the step count the run was planned with."""
+    if cfg.steps is not None:
+        return cfg.steps
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS
+    steps = max(1, math.ceil(epochs * samples / (cfg.batch_size * cfg.accum * dist.world_size())))
+    planned = (state or {}).get("schedule") or {}
+    if planned.get("total") and planned.get("steps") is None and planned.get("epochs") == cfg.epochs \
+            and planned["total"] != steps:
+        log.info("--epochs %s now gives %d steps; keeping the %d steps this run was planned for "
+                 "(pass --steps to change them)", epochs, steps, planned["total"])
+        steps = int(planned["total"])
+    return steps
+
+
+def warmup_steps(warmup: int, steps: int) -> int:
+    """--warmup, or steps/5 when it would not end before the last step."""
+    return min(warmup, steps // 5) if warmup >= steps else warmup
+
+
+def grad_checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda"
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def initial_logit_scale(spec: str, store, shards: list[Path], eligible: list[int], sample: int = 2048) -> float:
+    """t at step 0: the given number, or for "auto" one measured on up to `sample` stored vectors
+    of the eligible facets: rows evenly spaced within evenly spaced shards (the same on every rank)."""
+    from flame.data.shards import shard_name
+    from flame.loss import anisotropic_logit_scale
+
+    if spec != "auto":
+        return float(spec)
+    rows_wanted = max(1, sample // len(eligible))
+    picked = shards[:: max(1, len(shards) // rows_wanted)][:rows_wanted]  # more shards than rows: one row each
+    per = max(1, rows_wanted // len(picked))
+    vectors = []
+    for path in picked:
+        n = int(store.array(shard_name(path)).shape[0])
+        rows = np.unique(np.linspace(0, n - 1, min(n, per)).astype(np.int64))
+        vectors.append(torch.from_numpy(store.get(shard_name(path), rows, eligible)).flatten(0, 1))
+    texts = torch.cat(vectors)[:sample]
+    t = anisotropic_logit_scale(texts)
+    log.info("initial logit scale t = %.1f (auto, from %d stored vectors of the eligible facets)", t, len(texts))
+    return t
