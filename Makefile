@@ -22,15 +22,17 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)  ## generated data -> embed -> train -> eval, FLAME vs a CLIP baseline (report in runs/demo/)
 	$(VENV)/bin/flame demo $(DEMO_ARGS)
 
-test: $(STAMP)  ## the whole suite, slow tests included (what CI runs)
-	$(VENV)/bin/ruff check src tests
+test: $(STAMP)  ## lint, the architecture contract, the whole suite with slow tests (what CI runs)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "slow or not slow"
 
 test-fast: $(STAMP)  ## skip tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+lint: $(STAMP)  ## ruff (style, complexity, size) and import-linter (layers, no cycles)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -124,6 +124,20 @@ def config_from_args(cls, args: argparse.Namespace):
     return settings.build(cls, given, config_file)
 
 
+def _settings_once(cls, args: argparse.Namespace):
+    """The checked settings, or None on a rank other than 0 of a torchrun job whose settings are
+    wrong: every rank finds the same mistake, rank 0 prints it once and exits 2 (the others exit
+    0 so torchrun does not stop rank 0 before it has printed)."""
+    try:
+        return config_from_args(cls, args)
+    except FlameError:
+        from flame.distributed import launch_rank  # torch: only paid on this error path
+
+        if launch_rank() != 0:
+            return None
+        raise
+
+
 def _describe(parser: argparse.ArgumentParser, module, help_text: str) -> None:
     parser.description = getattr(module, "DESCRIPTION", None) or help_text
     if getattr(module, "EPILOG", None):
@@ -197,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cls, fn = args._run
         del args._run
-        return int(fn(args if cls is None else config_from_args(cls, args)) or 0)
+        cfg = args if cls is None else _settings_once(cls, args)
+        if cfg is None:
+            return 0
+        return int(fn(cfg) or 0)
     except FlameError as e:
         if debug:
             raise
