@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from embed_data import flame, make_shards, store_files, table_rows, write_table
+from support.embed_data import flame, make_shards, store_files, table_rows, write_table
 
 from flame.store import EmbeddingStore
 

@@ -7,14 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from support.commands import run_flame
 
 from flame.cli import main
 
 
 def run_cli(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_flame(capsys, *argv)
 
 
 def test_help_lists_every_command(capsys):
@@ -131,7 +130,7 @@ def test_benchmark_scripts_import_nothing_from_tests_and_their_helpers_run(tmp_p
     from flame.model import FlameModel
     from flame.vision import TowerConfig
 
-    for script in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"):
+    for script in (Path(__file__).resolve().parents[2] / "benchmarks").glob("*.py"):
         tree = ast.parse(script.read_text())
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

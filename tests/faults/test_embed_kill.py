@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from embed_data import FAKE_JPEG, caption, flame, make_shards, store_files
+from support.embed_data import FAKE_JPEG, caption, flame, make_shards, store_files
 
 from flame.cli import main
 from flame.store import EmbeddingStore

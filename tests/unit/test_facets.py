@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.arrays import rel_diff
 
 from flame.errors import FlameError
 from flame.facets import FacetEncoder
@@ -46,10 +47,6 @@ def reference(encoder: FacetEncoder, captions: list[str], positions: str = "rest
             rows.append(hs[layer][0, -1])  # hidden_states[i] is block i's output (i < L: before the norm)
         out.append(torch.stack(rows))
     return torch.stack(out)
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_release_text import bos_tokenizer
+from support.release_reference import bos_tokenizer
 
 from flame.facets import FacetEncoder
 from flame.llm import load_llm
@@ -142,7 +142,7 @@ def test_flame_embed_max_caption_tokens(tmp_path, tiny_llm_dir, tiny, capsys):
 
     import numpy as np
     import webdataset as wds
-    from embed_data import FAKE_JPEG
+    from support.embed_data import FAKE_JPEG
 
     from flame.cli import main
     from flame.store import EmbeddingStore

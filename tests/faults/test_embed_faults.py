@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from embed_data import make_shards, store_files, table_rows, write_table
+from support.commands import lines_of, run_flame
+from support.embed_data import make_shards, store_files, table_rows, write_table
 
 from flame import llm as flame_llm
-from flame.cli import main
 from flame.facets import FacetEncoder
 from flame.llm import llm_fingerprint, load_llm
 from flame.store import EmbeddingStore
@@ -34,15 +34,7 @@ def corpus(tmp_path_factory):
 
 
 def _embed(capsys, *args):
-    capsys.readouterr()
-    code = main(["embed", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _lines(err: str) -> list[str]:
-    assert "Traceback" not in err, err
-    return [ln for ln in err.splitlines() if ln.strip()]
+    return run_flame(capsys, "embed", *args)
 
 
 def _poison(monkeypatch, bad_caption: str, make):
@@ -83,7 +75,7 @@ def test_poison_pill_shard_is_skipped_reported_and_retried_last(tmp_path, corpus
     out = tmp_path / "st"
     args = ["--data", root / "shards", "--llm", tiny_llm_dir, "--out", out]
     code, stdout, err = _embed(capsys, *args)
-    lines = _lines(err)
+    lines = lines_of(err)
     assert code == 2 and len(lines) == 2, err
     assert lines[0] == (
         "flame embed: shard data-0000 failed: ValueError: tokenizer exploded (skipped; the other shards go on)"
@@ -118,7 +110,7 @@ def test_repeated_unexpected_failures_stop_the_run(tmp_path, corpus, tiny_llm_di
     for i in range(4):
         (data / f"x{i}.tar").write_bytes((root / "shards" / "data-0000.tar").read_bytes())
     code, _, err = _embed(capsys, "--data", data, "--llm", tiny_llm_dir, "--out", tmp_path / "st")
-    lines = _lines(err)
+    lines = lines_of(err)
     assert code == 2 and len(lines) == 4, err  # three shard reports, then the stop
     assert "3 shards in a row failed with unexpected errors (last: RuntimeError: no)" in lines[-1]
 
@@ -137,7 +129,7 @@ def test_nan_row_from_the_encoder_fails_only_its_shard(tmp_path, corpus, tiny_ll
     _poison(monkeypatch, bad, nan)
     out = tmp_path / "st"
     code, stdout, err = _embed(capsys, "--data", root / "shards", "--llm", tiny_llm_dir, "--out", out, "--dtype", dtype)
-    lines = _lines(err)
+    lines = lines_of(err)
     assert code == 2 and len(lines) == 2, err
     assert lines[0].startswith("flame embed: shard data-0001 failed: 1 of 4 samples have non-finite vectors")
     assert f"first keys: '{bad_key}'" in lines[0]
@@ -161,7 +153,7 @@ def test_lock_falls_back_to_a_lock_file_without_flock(tmp_path, corpus, tiny_llm
     try:
         (out / ".lock-owner").write_text(f"{socket.gethostname()} {holder.pid}\n")
         code, _, err = _embed(capsys, *args)
-        lines = _lines(err)
+        lines = lines_of(err)
         assert code == 2 and len(lines) == 1, err
         assert "being written by another flame embed" in lines[0] and f"pid {holder.pid}" in lines[0]
         assert not (out / "manifest.json").exists()
@@ -170,7 +162,7 @@ def test_lock_falls_back_to_a_lock_file_without_flock(tmp_path, corpus, tiny_llm
         holder.wait()
     # the holder died: its lock file is stale, taken over with one note line; the run completes
     code, stdout, err = _embed(capsys, *args)
-    lines = _lines(err)
+    lines = lines_of(err)
     assert code == 0, err
     assert len(lines) == 1 and "no flock" in lines[0] and ".lock-owner" in lines[0]
     assert "shards 3 done" in stdout and not (out / ".lock-owner").exists()
@@ -221,7 +213,7 @@ def test_refusal_says_what_overwrite_deletes(tmp_path, corpus, tiny_llm_dir, cap
     assert code == 0, err
     before = store_files(out)
     code, _, err = _embed(capsys, "--data", root / "shards", "--llm", tiny_llm_dir, "--out", out, "--layer", "1")
-    (line,) = _lines(err)
+    (line,) = lines_of(err)
     assert code == 2 and "--overwrite to DELETE its 3 complete shards" in line
     assert store_files(out) == before
 
@@ -235,7 +227,7 @@ def test_a_run_that_stores_nothing_is_an_error(tmp_path, corpus, tiny_llm_dir, c
     args += ["--llm", tiny_llm_dir, "--out", out]
     # one shard loses every sample: it fails (not an empty shard marked complete), the others are stored
     code, stdout, err = _embed(capsys, *args)
-    lines = _lines(err)
+    lines = lines_of(err)
     assert code == 2 and len(lines) == 2, err
     assert "shard data-0001 failed: all 4 samples lack a caption" in lines[0]
     assert EmbeddingStore(out).shards == ["data-0000", "data-0002"]
@@ -243,7 +235,7 @@ def test_a_run_that_stores_nothing_is_an_error(tmp_path, corpus, tiny_llm_dir, c
     write_table(tmp_path / "other.jsonl", [{"__key__": "zzz", "long": "x"}])
     out2 = tmp_path / "st2"
     code, _, err = _embed(capsys, *args[:-1], out2, "--captions", f"recap={tmp_path / 'other.jsonl'}")
-    lines = _lines(err)
+    lines = lines_of(err)
     assert code == 2 and "3 shards failed" in lines[-1] and EmbeddingStore(out2).shards == []
     # empty tars only: nothing stored, an error too
     import webdataset as wds
@@ -251,7 +243,7 @@ def test_a_run_that_stores_nothing_is_an_error(tmp_path, corpus, tiny_llm_dir, c
     (tmp_path / "e").mkdir()
     wds.TarWriter(str(tmp_path / "e" / "empty.tar")).close()
     code, _, err = _embed(capsys, "--data", tmp_path / "e", "--llm", tiny_llm_dir, "--out", tmp_path / "st3")
-    assert code == 2 and "no samples were stored" in _lines(err)[-1]
+    assert code == 2 and "no samples were stored" in lines_of(err)[-1]
     # ...but an empty tar added to a store that holds samples is fine
     done = [root / "shards" / "data-0000.tar", root / "shards" / "data-0002.tar"]
     code, stdout, err = _embed(capsys, "--data", *done, tmp_path / "e" / "empty.tar", *args[2:])

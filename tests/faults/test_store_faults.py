@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.arrays import store_manifest, unit_vectors
 
 from flame.errors import FlameError
 from flame.store import EmbeddingStore
@@ -22,24 +23,11 @@ K, D = 3, 8
 
 
 def _manifest(dtype="fp16"):
-    return {
-        "format": "flame-embeddings",
-        "version": 1,
-        "llm": {"spec": "tiny", "fingerprint": "abc"},
-        "layer": [2],
-        "positions": "restart",
-        "prompt_sets": [{"name": "s", "prefix": "{cap}", "facets": ["a", "b", "c"], "sep": "", "source": "txt"}],
-        "facets": [f"s/{i}" for i in range(K)],
-        "k": K,
-        "dim": D,
-        "dtype": dtype,
-        "normalized": True,
-    }
+    return store_manifest(K, D, dtype, fingerprint="abc")
 
 
 def _vectors(n, seed=0):
-    v = np.random.default_rng(seed).standard_normal((n, K, D)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+    return unit_vectors(n, K, D, seed)
 
 
 def _keys(n, prefix="k"):

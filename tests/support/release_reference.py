@@ -1,24 +1,18 @@
-"""Continue mode against the FLAME release's text side, rebuilt here from its description
-(../shared/FLAME.md sections 1-2), independently of flame.prompts and flame.facets:
-
-- the templated text is ONE string, `prefix(caption) , <s> F1 F2 ... FK` with single spaces (the raw
-  set has no `<s>`), after the release's caption clean-up, stripped, and tokenized at once with the
-  tokenizer adding its BOS where it does;
-- facets are read at the last K occurrences of the text's final token (the `:"` that ends every
-  facet); the prefix ends at the last occurrence of the `,` token, found as the release finds it;
-- attention: causal over positions 0..T-1 of the packed sequence; every facet sees the prefix up to
-  and including that `,` and its own tokens only (`<s> ` belongs to F1).
-"""
+"""The FLAME release's text side rebuilt from its description (../shared/FLAME.md sections 1-2),
+independently of flame.prompts and flame.facets: the reference that tests/unit/test_release_text.py
+compares `--positions continue` against (see that file for the rules), and a tokenizer that treats
+`<s>` as Mistral's does."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from flame.facets import FacetEncoder
-from flame.llm import load_llm
+from support.arrays import rel_diff
 
 ONE_WORD = ' means in just one word:"'
+
+
 FACET_SUBJECTS = (
     "this image description",
     "the category of the main object in this image",
@@ -28,11 +22,15 @@ FACET_SUBJECTS = (
     "the primary action or event taking place in this image",
     "the overall atmosphere or emotion of this image",
 )
+
+
 SETS = {  # name -> (lead words, separator before F1, number of facets)
     "raw": ("Image description", "", 1),
     "short": ("Image description", "<s> ", 3),
     "long": ("Detailed Image description", "<s> ", 7),
 }
+
+
 CAPTIONS = [
     "a dog running on the beach",
     'He said "look at the sky" to the child',
@@ -95,10 +93,6 @@ def release_hidden(model, ids: list[int], reads: list[int], first_sep: int, laye
     return out.hidden_states[layer][0, reads].float()
 
 
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def check_token_ids(model, tokenizer, captions=CAPTIONS) -> None:
     for set_name in SETS:
         enc = FacetEncoder(model, tokenizer, prompts=set_name, positions="continue")
@@ -124,11 +118,6 @@ def check_hidden(model, tokenizer, layer: int, captions, tol: float) -> dict[str
     return worst
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llm_dir):
-    return load_llm(str(tiny_llm_dir))
-
-
 def bos_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer that behaves like Mistral's here: it adds `<s>` as BOS, and `<s>`
     written in text is that control token (so the release's separator is a second BOS)."""
@@ -149,63 +138,3 @@ def bos_tokenizer(vocab_size: int = 400):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     return prepare_tokenizer(fast)
-
-
-@pytest.fixture(scope="module")
-def tiny_bos(tiny_llm_dir):
-    """The tiny model's weights with the Mistral-like tokenizer."""
-    model, _ = load_llm(str(tiny_llm_dir))
-    tok = bos_tokenizer()
-    assert len(tok) <= model.config.vocab_size
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def smollm2(flame_cache):
-    return load_llm("smollm2-135m")
-
-
-def test_token_ids_and_read_positions_equal_the_release(tiny):
-    check_token_ids(*tiny)
-
-
-def test_token_ids_equal_the_release_with_a_bos_adding_tokenizer(tiny_bos):
-    model, tok = tiny_bos
-    check_token_ids(model, tok)
-    ids, _ = FacetEncoder(model, tok, prompts="long", positions="continue").layout("a dog")
-    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 2  # BOS, and the release's `<s>`
-
-
-def test_raw_set_restart_equals_the_release(tiny):
-    enc = FacetEncoder(*tiny, prompts="raw", positions="restart")
-    for cap in CAPTIONS:
-        ids, reads, _ = release_layout(tiny[1], cap, "raw")
-        assert enc.layout(cap) == (ids, reads)
-
-
-def test_continue_mode_hidden_states_equal_the_release_rule(tiny):
-    check_hidden(*tiny, layer=2, captions=CAPTIONS, tol=1e-4)
-
-
-def test_continue_mode_equals_the_release_rule_with_a_bos_adding_tokenizer(tiny_bos):
-    check_hidden(*tiny_bos, layer=2, captions=CAPTIONS, tol=1e-4)
-
-
-def test_restart_mode_is_not_the_release_rule(tiny):
-    """The reference above is sensitive: the other position rule fails it."""
-    model, tok = tiny
-    enc = FacetEncoder(model, tok, prompts="long", layer=2, positions="restart")
-    cap = CAPTIONS[0]
-    want = release_hidden(model, *release_layout(tok, cap, "long"), 2)
-    assert rel_diff(enc.encode([cap])[0], want) > 1e-2
-
-
-@pytest.mark.slow
-def test_token_ids_equal_the_release_smollm2(smollm2):
-    check_token_ids(*smollm2)
-
-
-@pytest.mark.slow
-def test_continue_mode_equals_the_release_rule_smollm2(smollm2):
-    model, tok = smollm2
-    check_hidden(model, tok, layer=29, captions=CAPTIONS[:6], tol=1e-4)

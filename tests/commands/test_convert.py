@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, VisionTransformer
+from support.commands import one_line, run_flame
+from support.payloads import Evil
 from torch import nn
 
 from flame import FlameModel
-from flame.cli import main
 from flame.convert import RELEASE_CONFIGS, config_from_release_json, resolve_config
 
 WIDTH, LAYERS, PATCH, SIZE, HEAD_WIDTH, D = 64, 2, 8, 32, 32, 48
@@ -102,16 +103,7 @@ def _save(model: ReleaseStyle, path: Path, module: bool, wrapped: bool) -> Path:
 
 
 def _convert(capsys, *args):
-    capsys.readouterr()
-    code = main(["convert", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
+    return run_flame(capsys, "convert", *args)
 
 
 @pytest.mark.parametrize("module,wrapped", [(False, False), (True, False), (False, True), (True, True)])
@@ -199,14 +191,14 @@ def test_not_a_release_checkpoint(tmp_path, capsys):
     torch.save({"state_dict": other}, tmp_path / "x.pt")
     code, _, err = _convert(capsys, tmp_path / "x.pt", "--out", tmp_path / "o")
     assert code == 2
-    line = _one_line(err)
+    line = one_line(err)
     assert "neither a FLAME release checkpoint" in line and "encoder.layer.0.weight" in line
     torch.save({"model": {"w": 1}, "epoch": 3}, tmp_path / "nested.pt")
     code, _, err = _convert(capsys, tmp_path / "nested.pt", "--out", tmp_path / "o")
-    assert code == 2 and "no tensors (top-level keys: model, epoch)" in _one_line(err)
+    assert code == 2 and "no tensors (top-level keys: model, epoch)" in one_line(err)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all" * 10)
     code, _, err = _convert(capsys, tmp_path / "junk.pt", "--out", tmp_path / "o")
-    assert code == 2 and "cannot read" in _one_line(err)
+    assert code == 2 and "cannot read" in one_line(err)
     assert not (tmp_path / "o").exists()
 
 
@@ -216,7 +208,7 @@ def test_a_flame_model_is_not_converted_again(tmp_path, capsys, release):
     assert _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "flame", "--config", root / "tiny.json")[0] == 0
     for given in (tmp_path / "flame", tmp_path / "flame" / "model.safetensors"):
         code, _, err = _convert(capsys, given, "--out", tmp_path / "again")
-        assert code == 2 and "already a FLAME model" in _one_line(err)
+        assert code == 2 and "already a FLAME model" in one_line(err)
 
 
 def test_tower_that_does_not_match_the_config(tmp_path, capsys, release):
@@ -224,43 +216,35 @@ def test_tower_that_does_not_match_the_config(tmp_path, capsys, release):
     _save(model, tmp_path / "ckpt.pt", module=True, wrapped=True)
     code, _, err = _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "o")  # default: ViT-B/16
     assert code == 2
-    line = _one_line(err)
+    line = one_line(err)
     assert "does not match --config FLAME-Mistral-Nemo-ViT-B-16" in line and "width 64" in line
     assert not (tmp_path / "o").exists()
     # a plain open_clip CLIP image tower without FLAME's projector
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("mm.")}
     torch.save(sd, tmp_path / "clip.pt")
     code, _, err = _convert(capsys, tmp_path / "clip.pt", "--out", tmp_path / "o")
-    assert code == 2 and "without the FLAME `mm` projector" in _one_line(err)
+    assert code == 2 and "without the FLAME `mm` projector" in one_line(err)
     # an unsupported option in a config file
     bad = json.loads(json.dumps(TINY_CONFIG))
     bad["vision_cfg"]["no_ln_pre"] = True
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     code, _, err = _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "o", "--config", tmp_path / "bad.json")
-    assert code == 2 and "no_ln_pre" in _one_line(err)
+    assert code == 2 and "no_ln_pre" in one_line(err)
     del bad["vision_cfg"]["no_ln_pre"], bad["vision_cfg"]["pool_type"]  # open_clip's default: class-token pooling
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     code, _, err = _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "o", "--config", tmp_path / "bad.json")
-    assert code == 2 and "pool_type" in _one_line(err)
-
-
-class _Evil:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+    assert code == 2 and "pool_type" in one_line(err)
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
     marker = tmp_path / "payload-ran"
-    torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}, "x": _Evil(marker)}, tmp_path / "evil.pt")
+    torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}, "x": Evil(marker)}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)  # the payload is live
     assert marker.exists()
     marker.unlink()
     code, _, err = _convert(capsys, tmp_path / "evil.pt", "--out", tmp_path / "o")
     assert code == 2
-    line = _one_line(err)
+    line = one_line(err)
     assert "refused" in line and "evil.pt" in line
     assert not marker.exists() and not (tmp_path / "o").exists()
 
@@ -271,7 +255,7 @@ def test_existing_out_needs_overwrite(tmp_path, capsys, release):
     args = [tmp_path / "ckpt.pt", "--out", tmp_path / "flame", "--config", root / "tiny.json"]
     assert _convert(capsys, *args)[0] == 0
     code, _, err = _convert(capsys, *args)
-    assert code == 2 and "--overwrite" in _one_line(err)
+    assert code == 2 and "--overwrite" in one_line(err)
     assert _convert(capsys, *args, "--overwrite")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "flame"]  # no temporaries left
 

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY
-from test_train_faults import FILES, make_set, weights
+from support.training import FILES, TINY, make_set, weights
 
 pytestmark = pytest.mark.slow
 

@@ -8,50 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.training import TINY, bag_of_words_store, heldout_r1
 
 from flame.cli import main as flame_main
-from flame.data.shards import shard_name
-
-TINY = ["--tower", "vit-tiny", "--image-size", "32", "--proj-hidden", "32", "--no-progress", "--no-tensorboard"]
-
-
-def bag_of_words_store(shards, out, dim=64, k=1, seed=0):
-    """A store written directly: each caption's embedding is a fixed function of its text (sum of
-    random word vectors, normalised; facet j adds a small facet-specific offset)."""
-    import webdataset as wds
-
-    from flame.store import EmbeddingStore
-
-    rng = np.random.default_rng(seed)
-    vocab: dict[str, np.ndarray] = {}
-    offsets = rng.standard_normal((k, dim)) * 0.3
-
-    def encode(caption: str) -> np.ndarray:
-        v = np.zeros(dim)
-        for w in caption.replace("the ", "").split():
-            if w not in vocab:
-                vocab[w] = rng.standard_normal(dim)
-            v += vocab[w]
-        v = v[None] + offsets
-        return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-    facets = [f"raw/{j}" if k == 1 else f"long/{j}" for j in range(k)]
-    manifest = {"llm": {"spec": "bag-of-words", "fingerprint": "bow"}, "layer": 0, "positions": "restart",
-                "prompt_sets": [{"name": facets[0].split("/")[0]}], "facets": facets, "k": k, "dim": dim,
-                "dtype": "fp16", "normalized": True}
-    store = EmbeddingStore.create(out, manifest)
-    for p in shards:
-        keys, vecs = [], []
-        for sample in wds.tarfile_samples([{"url": str(p)}]):
-            keys.append(sample["__key__"])
-            vecs.append(encode(sample["txt"].decode()))
-        store.write_shard(shard_name(Path(p)), keys, np.stack(vecs))
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -338,29 +301,6 @@ def test_sigkill_then_resume_matches_uninterrupted(embedded_set, tmp_path):
 # ---------------------------------------------------------------------------------------
 # learning: held-out images of seen caption combinations are retrieved far above chance
 # ---------------------------------------------------------------------------------------
-def heldout_r1(ckpt: Path, store_path: Path, shard: Path) -> tuple[float, int]:
-    """Image->text R@1 over the distinct captions of a held-out shard (centre resize, no crop)."""
-    import webdataset as wds
-
-    from flame.data.images import load_image, normalize_images
-    from flame.model import FlameModel
-    from flame.store import EmbeddingStore
-
-    model = FlameModel.load(ckpt).eval()
-    store = EmbeddingStore(store_path)
-    name = shard_name(shard)
-    index = store.index(name)
-    images, captions, texts = [], [], {}
-    for sample in wds.tarfile_samples([{"url": str(shard)}]):
-        caption = sample["txt"].decode()
-        captions.append(caption)
-        images.append(load_image(sample["jpg"], model.image_size, None))
-        texts.setdefault(caption, store.get(name, index[sample["__key__"]]).mean(0))
-    names = sorted(texts)
-    t = torch.nn.functional.normalize(torch.tensor(np.stack([texts[n] for n in names])), dim=-1)
-    emb = model.encode_image(normalize_images(torch.stack(images), model.mean, model.std))
-    pred = (emb @ t.T).argmax(1).tolist()
-    return float(np.mean([names[p] == c for p, c in zip(pred, captions)])), len(names)
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from embed_data import make_shards
+from support.commands import run_flame
+from support.embed_data import make_shards
 
 from flame import config as settings
 from flame.cli import main
@@ -14,11 +15,8 @@ from flame.embed import Config
 from flame.store import EmbeddingStore
 
 
-def _run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(["embed", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
+def _run(capsys, *args):
+    return run_flame(capsys, "embed", *args)
 
 
 @pytest.mark.parametrize(

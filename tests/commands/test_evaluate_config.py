@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from support.commands import one_line, run_flame
 
 from flame.cli import main
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+def _run(capsys, *argv):
+    return run_flame(capsys, *argv)
 
 
 @pytest.mark.parametrize(
@@ -33,7 +25,7 @@ def test_config_file_bad_value_is_one_line_exit_2(capsys, tmp_path, yaml_text, m
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"model: {tmp_path}\ndataset: {tmp_path}\n" + yaml_text)
     code, _, err = _run(capsys, "eval", "--config", bad)
-    assert code == 2 and message in _error_line(err)
+    assert code == 2 and message in one_line(err)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +41,7 @@ def test_config_file_bad_value_is_one_line_exit_2(capsys, tmp_path, yaml_text, m
 )
 def test_rules_between_settings_come_before_any_file_is_read(capsys, argv, message):
     code, _, err = _run(capsys, "eval", *argv)  # none of these paths exists: the rule is the first error
-    assert code == 2 and message in _error_line(err)
+    assert code == 2 and message in one_line(err)
 
 
 def test_flags_override_the_config_file(tmp_path):

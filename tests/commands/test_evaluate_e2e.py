@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support.commands import one_line, run_flame
 
 from flame.cli import main as flame_main
 from flame.data.synthetic import COLORS, combos, sample
@@ -184,17 +185,7 @@ def trained(tmp_path_factory, tiny_llm_dir, cache):
 
 
 def _eval(capsys, *args):
-    capsys.readouterr()
-    code = flame_main(["eval", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]
-    assert "Traceback" not in err
-    assert len(lines) == 1, err
-    return lines[0]
+    return run_flame(capsys, "eval", *args)
 
 
 # (dataset, task, metric, chance). Retrieval: 48 images, 2 captions each, 6 distinct caption texts, so
@@ -363,7 +354,7 @@ def test_dataset_in_no_format_names_the_three(tmp_path, capsys):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("hello")
     code, _, err = _eval(capsys, "--model", tmp_path, "--dataset", tmp_path / "junk")
-    line = _one_line(err)
+    line = one_line(err)
     assert code == 2
     assert "webdataset layout" in line and "one sub-folder per class" in line and "CSV/JSONL" in line
 
@@ -408,7 +399,7 @@ def test_bad_input_one_line_exit_2(case, trained, capsys, tmp_path, tiny_llm_dir
         dataset = write_folder(tmp_path / "plain", n=12, templates=False)  # new prompts: not cached
         (dataset / "zeroshot_classification_templates.txt").write_text("a picture of something {c}\n")
     code, _, err = _eval(capsys, "--model", model, "--dataset", dataset, "--workers", "0", "--no-progress", *extra)
-    line = _one_line(err)
+    line = one_line(err)
     assert code == 2 and expect in line, line
     if case == "fingerprint":  # forcing it is allowed
         code, _, err = _eval(capsys, "--model", model, "--dataset", dataset, "--workers", "0", "--no-progress",

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from support.arrays import store_manifest, unit_vectors
 
 from flame.errors import FlameError
 from flame.store import EmbeddingStore, manifest_difference, quantize_int8
@@ -14,26 +15,11 @@ K, D = 4, 16
 
 
 def _manifest(dtype="fp16", layer=(2,), fingerprint="abc123", spec="tiny"):
-    return {
-        "format": "flame-embeddings",
-        "version": 1,
-        "llm": {"spec": spec, "fingerprint": fingerprint},
-        "layer": list(layer),
-        "positions": "restart",
-        "prompt_sets": [
-            {"name": "short", "prefix": "{cap}", "facets": ["a", "b", "c", "d"], "sep": "", "source": "txt"}
-        ],
-        "facets": [f"short/{i}" for i in range(K)],
-        "k": K,
-        "dim": D,
-        "dtype": dtype,
-        "normalized": True,
-    }
+    return store_manifest(K, D, dtype, layer, fingerprint, spec)
 
 
 def _vectors(n, seed=0):
-    v = np.random.default_rng(seed).standard_normal((n, K, D)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+    return unit_vectors(n, K, D, seed)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from embed_data import FAKE_JPEG, make_shards, store_files
+from support.commands import one_line, run_flame
+from support.embed_data import FAKE_JPEG, make_shards, store_files
+from support.payloads import Evil
 
 from flame.cli import main
 from flame.store import EmbeddingStore
@@ -34,16 +36,6 @@ def _write_release(root: Path, keys: list[str], seed: int = 0, layout=lambda k: 
     return out
 
 
-class _Evil:
-    """A pickle payload: loading it with plain pickle runs code that creates a marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
@@ -54,16 +46,7 @@ def release(tmp_path_factory):
 
 
 def _run(capsys, *args):
-    capsys.readouterr()
-    code = main(["embed", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
+    return run_flame(capsys, "embed", *args)
 
 
 def _import(capsys, root, out, *extra):
@@ -127,7 +110,7 @@ def test_missing_file_with_on_missing_error_is_one_line(tmp_path, capsys, releas
     root, _, _ = release
     code, _, err = _import(capsys, root, tmp_path / "store", "--on-missing", "error")
     assert code == 2
-    line = _one_line(err)
+    line = one_line(err)
     assert "000000003" in line and "--on-missing skip" in line
 
 
@@ -155,7 +138,7 @@ def test_malicious_pickle_is_refused_not_run(tmp_path, capsys, release):
     _write_release(emb, [k for rows in shards.values() for k, *_ in rows])
     marker = tmp_path / "payload-ran"
     evil = emb / "00010" / "000100002.pth"
-    torch.save(_Evil(marker), evil)
+    torch.save(Evil(marker), evil)
     # the payload is live: an unsafe load runs it
     torch.load(evil, weights_only=False)
     assert marker.read_text() == "ran"
@@ -163,7 +146,7 @@ def test_malicious_pickle_is_refused_not_run(tmp_path, capsys, release):
 
     code, _, err = _import(capsys, tmp_path, tmp_path / "store")
     assert code == 2
-    line = _one_line(err)
+    line = one_line(err)
     assert "refused" in line and str(evil) in line and "exec" in line
     assert not marker.exists()  # never executed
     store = EmbeddingStore(tmp_path / "store")
@@ -175,19 +158,19 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, release):
     root, _, _ = release
     data = ["--data", root / "shards", "--out", tmp_path / "s"]
     code, _, err = _run(capsys, "--import-release", tmp_path / "nope", *data)
-    assert code == 2 and "not a folder" in _one_line(err)
+    assert code == 2 and "not a folder" in one_line(err)
     (tmp_path / "empty").mkdir()
     code, _, err = _run(capsys, "--import-release", tmp_path / "empty", *data)
-    assert code == 2 and "no release embedding files" in _one_line(err)
+    assert code == 2 and "no release embedding files" in one_line(err)
     assert not (tmp_path / "s").exists()  # nothing half-made is left behind
     # a file that is not an [11, D] tensor
     emb = tmp_path / "odd"
     (emb / "00000").mkdir(parents=True)
     torch.save({"not": "a tensor"}, emb / "00000" / "000000000.pth")
     code, _, err = _run(capsys, "--import-release", emb, *data)
-    assert code == 2 and "expected a float tensor" in _one_line(err)
+    assert code == 2 and "expected a float tensor" in one_line(err)
     code, _, err = _run(capsys, "--import-release", root / "emb", *data, "--prompts", "long=txt")
-    assert code == 2 and "do not apply" in _one_line(err)
+    assert code == 2 and "do not apply" in one_line(err)
 
 
 @pytest.mark.slow
@@ -239,7 +222,7 @@ def test_non_finite_vectors_fail_their_shard_only(tmp_path, capsys, release):
 def test_sigkilled_import_resumes_to_the_same_bytes(tmp_path, capsys, release, kill_at):
     """SIGKILL at a durable step (fileio's fault hook: 4 = after shard 0's array rename, before
     its keys; 6 = right after shard 0 completes), rerun: the store equals an uninterrupted one."""
-    from embed_data import flame
+    from support.embed_data import flame
 
     root, _, _ = release
     assert _import(capsys, root, tmp_path / "clean")[0] == 0

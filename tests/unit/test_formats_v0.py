@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.commands import run_flame
 
 import flame
-from flame.cli import main
 
-FIXTURES = Path(__file__).parent / "fixtures" / "v0"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "v0"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 RESULT = re.compile(r"^\s*(\d+)\s+(-?\d+\.\d+)\s+(\S.*)$")
 
@@ -60,11 +60,8 @@ def files_of(folder: Path) -> dict[str, bytes]:
             if p.is_file() and not p.name.startswith(".lock")}
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+def run_cli(capsys, *argv):
+    return run_flame(capsys, *argv)
 
 
 @pytest.fixture

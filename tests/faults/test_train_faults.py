@@ -18,22 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import TINY, bag_of_words_store
+from support.training import FILES, TINY, make_set, weights
 
 from flame.cli import main as flame_main
-
-FILES = ("model.safetensors", "config.json", "state.pt")
-
 
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-def make_set(root: Path, shards: int = 3, per: int = 32, seed: int = 0) -> Path:
-    from flame.data.synthetic import write_shards
-
-    paths = write_shards(root / "shards", shards * per, shard_size=per, size=40, seed=seed)
-    bag_of_words_store(paths, root / "store", dim=16, k=3)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +46,6 @@ def one_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(ckpt / "model.safetensors"))
 
 
 def assert_complete(ckpt: Path) -> None:

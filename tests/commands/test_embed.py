@@ -10,9 +10,9 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from embed_data import FAKE_JPEG, make_shards, store_files, table_rows, write_table
+from support.commands import one_line, run_flame
+from support.embed_data import FAKE_JPEG, make_shards, store_files, table_rows, write_table
 
-from flame.cli import main
 from flame.data.captions import CaptionTable, ShardError, read_shard_captions
 from flame.errors import FlameError
 from flame.store import EmbeddingStore
@@ -38,17 +38,7 @@ def encoders(tiny_llm_dir):
 
 
 def _embed(capsys, *args):
-    capsys.readouterr()
-    code = main(["embed", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert "Traceback" not in err
-    assert len(lines) == 1, err
-    return lines[0]
+    return run_flame(capsys, "embed", *args)
 
 
 def _expected(encoders, name, captions):
@@ -166,7 +156,7 @@ def test_embed_equals_facet_encoder_and_resumes(tmp_path, corpus, tiny_llm_dir, 
     # a different layer is refused with one line, nothing lost; --overwrite replaces
     code, _, err = _embed(capsys, *args, "--layer", "1")
     assert code == 2
-    assert "different settings (layer" in _error_line(err) and "--overwrite" in err
+    assert "different settings (layer" in one_line(err) and "--overwrite" in err
     assert store_files(out) == before
     code, _, err = _embed(capsys, *args, "--layer", "1", "--overwrite", "--prompts", "raw=txt")
     assert code == 0, err
@@ -219,7 +209,7 @@ def test_missing_keys(tmp_path, corpus, tiny_llm_dir, capsys):
     # error: one line naming the key; the shards done before it stay complete
     code, _, err = _embed(capsys, *base, "--out", tmp_path / "a", "--on-missing", "error")
     assert code == 2
-    line = _error_line(err)
+    line = one_line(err)
     assert dropped in line and "missing" in line and "--on-missing skip" in line
     s = EmbeddingStore(tmp_path / "a")
     assert s.shards == ["data-0000", "data-0001"]
@@ -248,7 +238,7 @@ def test_empty_captions(tmp_path, tiny_llm_dir, encoders, capsys):
     code, _, _ = _embed(capsys, *base, "--out", tmp_path / "b", "--on-empty", "skip")
     assert code == 0 and EmbeddingStore(tmp_path / "b").keys("e") == ["k0", "k2"]
     code, _, err = _embed(capsys, *base, "--out", tmp_path / "c", "--on-empty", "error")
-    assert code == 2 and "'k1' has an empty caption" in _error_line(err)
+    assert code == 2 and "'k1' has an empty caption" in one_line(err)
 
 
 def test_corrupt_shard_is_reported_and_skipped(tmp_path, corpus, tiny_llm_dir, capsys):
@@ -299,7 +289,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path, corpus, tiny_llm_dir, capsys):
     for args, message in cases:
         code, _, err = _embed(capsys, *args, *base)
         assert code == 2, (args, err)
-        line = _error_line(err)
+        line = one_line(err)
         assert line.startswith("flame embed: error: ") and message in line, (args, line)
     assert not (tmp_path / "st").exists()  # nothing left behind
 
@@ -311,7 +301,7 @@ def test_second_writer_is_refused_by_the_lock(tmp_path, corpus, tiny_llm_dir, ca
     with open(out / ".lock", "a+") as held:  # another flame embed holds the store
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         code, _, err = _embed(capsys, "--data", root / "shards", "--llm", tiny_llm_dir, "--out", out)
-        assert code == 2 and "being written by another flame embed" in _error_line(err)
+        assert code == 2 and "being written by another flame embed" in one_line(err)
         assert not (out / "manifest.json").exists()
     code, _, err = _embed(capsys, "--data", root / "shards", "--llm", tiny_llm_dir, "--out", out)
     assert code == 0, err  # the lock dies with its holder
