@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
 
 MISSING = dataclasses.MISSING
 Check = tuple[Callable[[Any], bool], str]
@@ -178,16 +178,22 @@ def validate(cfg: Any) -> Any:
     return cfg
 
 
-def read_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's content (safe loader), or one FlameError naming `what` is missing or bad."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise FlameError(f"config file {path} does not exist")
+        raise FlameError(f"{what} {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise FlameError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise FlameError(f"{path} is not valid YAML: {first_line(e)}") from e
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A settings file: a YAML mapping."""
+    loaded = load_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise FlameError(f"{path} must hold a mapping of settings")
     return loaded

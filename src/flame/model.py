@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
 from flame.fileio import write_atomic
 from flame.loss import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE, clamp_logit_scale_
 from flame.vision import ImageTower, TowerConfig
@@ -242,7 +242,7 @@ class FlameModel(nn.Module):
         try:
             model.load_state_dict(load_file(str(weights), device=str(map_location)))
         except (RuntimeError, OSError, SafetensorError) as e:
-            raise FlameError(f"{weights} does not match its config.json: {str(e).splitlines()[0]}") from e
+            raise FlameError(f"{weights} does not match its config.json: {first_line(e)}") from e
         model.source = Path(folder)
         return model
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from flame.errors import FlameError, first_line
+from flame.config import load_yaml
+from flame.errors import FlameError
 from flame.evaluate import metrics as M
 from flame.evaluate.datasets import EvalDataset, load_dataset
 from flame.evaluate.images import SplitVectors, split_vectors
@@ -183,15 +184,8 @@ class Suite:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Suite:
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise FlameError(f"suite file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise FlameError(f"{path} is not valid YAML: {first_line(e)}") from e
+        raw = load_yaml(path, "suite file")
         if isinstance(raw, dict) and "datasets" in raw:
             raw = raw["datasets"]
         if not isinstance(raw, list) or not raw:
