@@ -355,6 +355,8 @@ class Config:
                               help="the release's .pt checkpoint file")
     out: str = setting("", metavar="MODEL_DIR", required=True, help="FlameModel folder to write")
     release_config: str = setting(DEFAULT_CONFIG, metavar="NAME|JSON",
+                                  check=(lambda v: v in RELEASE_CONFIGS or Path(v).suffix == ".json",
+                                         f"must be a release config ({', '.join(RELEASE_CONFIGS)}) or a .json file"),
                                   help="release model config the checkpoint was trained with, or a release JSON file "
                                        "(also accepted as --config NAME|JSON)")
     overwrite: bool = setting(False, help="replace an existing --out folder")

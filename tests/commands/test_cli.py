@@ -143,3 +143,18 @@ def test_benchmark_scripts_import_nothing_from_tests_and_their_helpers_run(tmp_p
     FlameModel(TowerConfig("vit-tiny", embed_dim=16, proj_hidden=16, image_size=32)).save(tmp_path / "model")
     r1, n = heldout_r1(tmp_path / "model", tmp_path / "store", shards[0])
     assert 0.0 <= r1 <= 1.0 and 1 <= n <= 16
+
+
+@pytest.mark.parametrize("action, yaml_text, message", [
+    ("facets", "captions: many\n", "--captions (captions): expected a whole number, got 'many'"),
+    ("facets", "repeats: 0\n", "--repeats must be >= 1 (got 0)"),
+    ("facets", "attn: flash\n", "--attn must be one of sdpa, eager (got flash)"),
+    ("train", "batch_size: big\n", "--batch-size (batch_size): expected a whole number, got 'big'"),
+    ("train", "rounds: 0\n", "--rounds must be >= 1 (got 0)"),
+])
+def test_bench_facets_and_train_settings_files_are_checked(capsys, tmp_path, action, yaml_text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml_text)
+    code, _, err = run_cli(capsys, "bench", action, "--config", str(bad))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err

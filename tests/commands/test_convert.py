@@ -315,3 +315,21 @@ def test_full_size_release_layout_maps_onto_the_registered_config(name, embed_di
     other = next(c for n, c in RELEASE_CONFIGS.items() if n != name)
     with pytest.raises(FlameError, match=f"does not match --config {other.name}.*that is --config {name}"):
         check_against(mapped, other, state)
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("overwrite: maybe\n", "--overwrite (overwrite): expected true or false, got 'maybe'"),
+    ("release_config: ViT-Z-99\n", "--release-config must be a release config"),
+])
+def test_settings_file_with_a_wrong_type_or_value_is_one_line(tmp_path, capsys, yaml_text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml_text)
+    code, _, err = _convert(capsys, tmp_path / "ckpt.pt", "--out", tmp_path / "o", "--config", bad)
+    assert code == 2 and message in one_line(err) and not (tmp_path / "o").exists()
+
+
+def test_help_shows_defaults_from_the_config(capsys):
+    with pytest.raises(SystemExit):
+        _convert(capsys, "--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default FLAME-Mistral-Nemo-ViT-B-16)" in out and "--config FILE" in out
