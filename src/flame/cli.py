@@ -69,10 +69,10 @@ def add_field(parser, f: dataclasses.Field, hint) -> None:
     names = [settings.flag_of(f), *meta.get("aliases", ())]
     if base is bool and meta.get("negate"):
         parser.add_argument(meta["negate"], action="store_false", **kw)
-        if meta.get("optional_value") is MISSING_:
+        if meta.get("optional_value") is settings.MISSING:
             return
     if base is bool:
-        if meta.get("optional_value") is not MISSING_:
+        if meta.get("optional_value") is not settings.MISSING:
             parser.add_argument(*names, type=_bool_type, nargs="?", const=True, **kw)
         elif not meta.get("negate"):
             parser.add_argument(*names, action="store_true", **kw)
@@ -81,12 +81,10 @@ def add_field(parser, f: dataclasses.Field, hint) -> None:
         kw["nargs"] = "+"
     elif origin is tuple:
         kw["nargs"] = len(base.__args__)
-    elif meta.get("optional_value") is not MISSING_:
+    elif meta.get("optional_value") is not settings.MISSING:
         kw.update(nargs="?", const=meta["optional_value"])
     parser.add_argument(*names, **kw)
 
-
-MISSING_ = dataclasses.MISSING
 
 
 def _unoptional(hint):
@@ -151,10 +149,6 @@ def _add_command(sub, name: str, module_name: str, help_text: str, load: bool):
     if not load:  # only the chosen command pays for its imports
         return
     module = importlib.import_module(module_name)
-    if hasattr(module, "add_arguments"):  # a module not yet moved to a Config dataclass
-        module.add_arguments(p)
-        p.set_defaults(_run=(None, module.run))
-        return
     _describe(p, module, help_text)
     actions = getattr(module, "ACTIONS", None)
     if actions is None:
@@ -211,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cls, fn = args._run
         del args._run
-        cfg = args if cls is None else _settings_once(cls, args)
+        cfg = _settings_once(cls, args)
         if cfg is None:
             return 0
         return int(fn(cfg) or 0)
