@@ -17,17 +17,8 @@ from flame.train.plan import plan
 
 def train(cfg: TrainConfig) -> int:
     device = dist.init(cfg.device)
-    try:
-        return _train(cfg, device)
-    except dist.AgreedError:
-        dist.leave_together()
-        if not dist.is_main():  # every rank raised it at the same point: rank 0 prints it once and exits 2;
-            return 0  # exiting 0 here keeps torchrun from stopping rank 0 before it has printed
-        raise
-    except FlameError as e:  # this rank alone: it reports and exits 2, and torchrun stops the others
-        if not dist.is_main():
-            raise FlameError(f"rank {dist.rank()}: {e}") from e
-        raise
+    try:  # an error all ranks agree on is printed by rank 0 alone; one rank's own names the rank
+        return dist.report_once(lambda: _train(cfg, device))
     except torch.distributed.DistError as e:  # a peer died (its own error says why): one line, not a traceback
         if dist.world_size() == 1:
             raise
