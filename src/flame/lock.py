@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,17 @@ log = logging.getLogger("flame.lock")
 
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 OWNER_SUFFIX = "-owner"
+
+
+_OPEN: weakref.WeakSet[FileLock] = weakref.WeakSet()  # locks whose descriptor a forked child must close
+
+
+def _close_in_children() -> None:
+    for lock in list(_OPEN):
+        lock._close_in_child()
+
+
+os.register_at_fork(after_in_child=_close_in_children)  # once per process, not once per lock
 
 
 def holder_text() -> str:
@@ -57,7 +69,7 @@ class FileLock:
         except OSError as e:
             raise FlameError(f"cannot create the lock file {self.path} ({e.strerror or e})") from None
         self.fd: int | None = self.file.fileno()
-        os.register_at_fork(after_in_child=self._close_in_child)
+        _OPEN.add(self)
         try:
             self._flock()
         except BaseException:
@@ -123,6 +135,7 @@ class FileLock:
             self.fd = None
 
     def _close(self) -> None:
+        _OPEN.discard(self)
         self.fd = None
         self.file.close()
 
