@@ -140,7 +140,13 @@ def test_second_live_command_is_refused(tmp_path, corpus):
         deadline = time.time() + 240
         while time.time() < deadline and not (out / "manifest.json").exists() and first.poll() is None:
             time.sleep(0.05)
-        second = flame("embed", *args, "--out", out, env=ENV)
+        # Stopped, the first keeps its lock but cannot finish before the second has started, however
+        # loaded the machine is (a slow start of the second used to find the first already done).
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = flame("embed", *args, "--out", out, env=ENV)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode == 2
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "being written by another flame embed" in lines[0], second.stderr
