@@ -233,3 +233,26 @@ def test_a_frozen_batch_norm_keeps_and_uses_its_statistics_in_training():
                                                          net[1].num_batches_tracked)))
     assert set(net.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
                                      "1.num_batches_tracked"}
+
+
+@pytest.mark.parametrize("make", [_clip_tower, _timm_tower], ids=["open_clip", "timm"])
+def test_a_partly_locked_trunk_gets_the_same_gradients_with_activation_checkpointing(make):
+    """Checkpointed blocks after frozen ones (the CUDA default) still pass gradients to the
+    unlocked block: the same gradients as without checkpointing, and none for frozen tensors."""
+    from flame.train.freeze import lock_trunk
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        tower = make().train()
+        lock_trunk(tower.trunk, 1)
+        tower.set_grad_checkpointing(checkpointing)
+        tower(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in tower.named_parameters()})
+    plain, ckpt = grads
+    trainable = {n for n, g in plain.items() if g is not None}
+    assert trainable == {n for n, g in ckpt.items() if g is not None}
+    assert any(".2." in n for n in trainable if n.startswith("trunk."))  # the last block (index 2) is trained
+    assert not any(n.startswith("trunk.") and ".2." not in n for n in trainable)
+    for n in trainable:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
