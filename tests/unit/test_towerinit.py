@@ -256,3 +256,24 @@ def test_a_partly_locked_trunk_gets_the_same_gradients_with_activation_checkpoin
     assert not any(n.startswith("trunk.") and ".2." not in n for n in trainable)
     for n in trainable:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("unlocked", [0, 1])
+def test_weight_decay_and_optimizer_groups_of_a_locked_model_follow_open_clips_training_script(unlocked):
+    """open_clip's main.py: frozen parameters are in no group; of the trainable ones, 0-d/1-d,
+    norm, bias and logit-scale tensors get no weight decay and the rest do."""
+    from flame.model import FlameModel
+    from flame.train.freeze import lock_trunk
+    from flame.train.optim import param_groups
+
+    torch.manual_seed(0)
+    model = FlameModel(TowerConfig(tower="vit-tiny", embed_dim=16, proj_hidden=32, image_size=32))
+    lock_trunk(model.visual.trunk, unlocked)
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay, no_decay = param_groups(model, 0.5)
+    assert {id(p) for p in decay["params"]} == {id(p) for n, p in named if not exclude(n, p)}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in named if exclude(n, p)}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.5, 0.0)
+    frozen = {id(p) for p in model.visual.trunk.parameters() if not p.requires_grad}
+    assert len(frozen) > 0 and not frozen & {id(p) for g in (decay, no_decay) for p in g["params"]}
