@@ -9,7 +9,7 @@ token (class token + patch tokens) comes out raw:
   with the final `norm` / `fc_norm` / head replaced by identities.
 
 Towers are built from a registry of builders (`TOWERS`, plus the `timm:` prefix), never
-with pretrained weights from the network; `init_from` loads a local state-dict file.
+with pretrained weights from the network; `init_trunk_from` loads local ones (`flame.towerinit`).
 
 Projector, per token: Linear(width -> H) -> GELU -> Linear(H -> D) -> LayerNorm(D) with
 D the LLM hidden size and H = max(D, 4096) by default. Pool: mean over patch tokens
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from flame.errors import FlameError
-from flame.weights import load_state_dict
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -225,33 +224,11 @@ class ImageTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)
 
-    def init_trunk_from(self, path: str | Path) -> dict:
-        """Load a local tower checkpoint (a state dict: .safetensors, .pt, .pth, .bin) into the
-        trunk. Common prefixes (`visual.`, `module.`, `model.`, `trunk.`) are stripped; ln_post /
-        proj / heads are ignored. Raises FlameError when nothing matches."""
-        return load_trunk_state(self.trunk, path)
+    def init_trunk_from(self, spec: str | Path, cache_dir: str | Path | None = None) -> dict:
+        """Load pretrained weights into the trunk: a local state-dict file or folder, or an
+        open_clip / timm checkpoint in the local Hugging Face cache (`flame.towerinit` says which
+        specs and key formats; nothing is downloaded). Raises one FlameError unless every trunk
+        tensor is found with its shape."""
+        from flame.towerinit import load_trunk
 
-
-def load_trunk_state(trunk: Trunk, path: str | Path) -> dict:
-    sd = load_state_dict(path, "tower checkpoint")
-    own = trunk.state_dict()
-    inner = "vit." if isinstance(trunk, OpenClipTrunk) else "model."
-    mapped: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        k = key
-        for prefix in ("module.", "model.", "visual.", "trunk.", "vit."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        if inner + k in own:
-            mapped[inner + k] = value
-    if not mapped:
-        raise FlameError(f"tower checkpoint {path} has no weights matching tower {type(trunk).__name__}")
-    bad = [k for k, v in mapped.items() if v.shape != own[k].shape]
-    if bad:
-        k = bad[0]
-        raise FlameError(
-            f"tower checkpoint {path}: shape mismatch for {k}: {tuple(mapped[k].shape)} vs {tuple(own[k].shape)}"
-        )
-    missing = sorted(set(own) - set(mapped))
-    trunk.load_state_dict(mapped, strict=False)
-    return {"loaded": len(mapped), "missing": missing}
+        return load_trunk(self.trunk, spec, self.config.tower, cache_dir)

@@ -68,8 +68,18 @@ class TrainConfig:
                                       help="projector hidden size H")
     pool_first: bool = setting(False, optional_value=True, metavar="BOOL", group="model",
                                help="mean-pool patch tokens before the projector (cheaper; default off = FLAME)")
-    tower_init: str | None = setting(None, metavar="FILE", group="model",
-                                     help="initialise the trunk from a local state dict")
+    # pretrained and locked towers (flame.towerinit, train/freeze.py)
+    tower_init: str | None = setting(None, metavar="SPEC", group="model",
+                                     help="initialise the trunk from pretrained weights, read locally (never "
+                                          "downloaded): a state-dict file or folder (open_clip or timm keys), "
+                                          "hf-hub:ORG/NAME[/FILE][@REV] or open_clip:ARCH/TAG or timm:NAME.TAG from "
+                                          "the local Hugging Face cache, or 'pretrained' (a timm:NAME tower's own)")
+    lock_image: bool = setting(False, group="model",
+                               help="freeze the trunk (LiT): only the projector and logit scale/bias train; frozen "
+                                    "weights get no optimizer state, batch-norm statistics stay fixed")
+    lock_image_unlocked: int = setting(0, check=at_least(0), metavar="N", group="model",
+                                       help="leave the trunk's last N blocks (and final norm, if any) trainable "
+                                            "(implies --lock-image)")
     grad_checkpointing: bool | None = setting(None, optional_value=True, metavar="BOOL", shown="on for CUDA",
                                               group="model", help="activation checkpointing in the trunk")
     # loss

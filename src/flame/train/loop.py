@@ -251,11 +251,18 @@ def build_model(cfg: TrainConfig, plan: Plan, device: torch.device):
     model = FlameModel(plan.tower_config, text_side(plan.store.manifest))
     with torch.no_grad():
         model.logit_scale.fill_(math.log(plan.init_logit_scale))
-    if cfg.tower_init:
+    if cfg.tower_init and plan.resume_from is None:
         info = model.visual.init_trunk_from(cfg.tower_init)
         if dist.is_main():
-            log.info("trunk initialised from %s (%d tensors, %d missing)", cfg.tower_init, info["loaded"],
-                     len(info["missing"]))
+            log.info("trunk initialised from %s (%d tensors)", info["path"], info["loaded"])
+    if cfg.lock_image or cfg.lock_image_unlocked:  # before the optimizer and DDP see the parameters
+        from flame.train.freeze import lock_trunk
+
+        counts = lock_trunk(model.visual.trunk, cfg.lock_image_unlocked)
+        if dist.is_main():
+            log.info("trunk locked: %.1fM parameters frozen, %.1fM trainable (last %d blocks)%s",
+                     counts["frozen"] / 1e6, counts["trainable"] / 1e6, cfg.lock_image_unlocked,
+                     "" if cfg.tower_init else "; the trunk is randomly initialised (no --tower-init)")
     if grad_checkpointing(cfg, device):
         model.set_grad_checkpointing(True)
     return model.to(device)

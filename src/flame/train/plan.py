@@ -64,8 +64,10 @@ def plan(cfg: TrainConfig) -> Plan:
     m = positives(cfg, eligible)
     tower_config = TowerConfig(tower=cfg.tower, embed_dim=store.dim, proj_hidden=cfg.proj_hidden,
                                pool_first=bool(cfg.pool_first), image_size=cfg.image_size)
-    if cfg.tower_init and not Path(cfg.tower_init).is_file():
-        raise FlameError(f"--tower-init {cfg.tower_init} does not exist")
+    if cfg.tower_init and resume_from is None:  # found locally now (its keys are checked when the tower is built)
+        from flame.towerinit import resolve
+
+        resolve(cfg.tower_init, cfg.tower)
     usable, samples, data = usable_data(shards, store)
     if state is not None and not cfg.force:
         check_same_data(state, data, resume_from)
