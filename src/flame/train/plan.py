@@ -128,7 +128,10 @@ def check_settings(cfg: TrainConfig, run: Path) -> None:
         old = json.loads(path.read_text())
     except ValueError:
         raise FlameError(f"{path} is unreadable; use --force to resume anyway") from None
-    old_cfg, new_cfg = old.get("config", {}), cfg.comparable()
+    new_cfg = cfg.comparable()
+    # A setting the run's version did not have yet ran with what is now its default.
+    old_cfg = {**{k: v for k, v in TrainConfig().comparable().items() if k not in old.get("config", {})},
+               **old.get("config", {})}
     diff = [k for k in sorted(set(old_cfg) | set(new_cfg)) if old_cfg.get(k) != new_cfg.get(k)]
     if old.get("world_size") != dist.world_size():
         diff.append("world_size")
