@@ -172,3 +172,11 @@ def test_an_unweighted_run_keeps_the_epoch_stream_and_its_data_signature(mixset)
     stream = TrainStream(stream_config(p, 4))
     batch = next(iter(stream))
     assert list(batch["state"]) == ["worker", "epoch", "pos", "missing", "undecodable", "samples"]
+
+
+def test_resampled_without_weights_is_one_source_of_all_the_data(mixset):
+    p = plan(config(mixset, [str(mixset / "a"), str(mixset / "c")], resampled=True))
+    assert len(p.mix) == 1 and p.mix[0]["weight"] == 1.0
+    assert [Path(s).name for s in p.mix[0]["shards"]] == [f"a-{i:05d}.tar" for i in range(4)] + [
+        "c-00000.tar", "c-00001.tar"]
+    assert p.data["mix"] != plan(config(mixset, [f"{mixset / 'a'}::1", f"{mixset / 'c'}::1"])).data["mix"]
