@@ -40,6 +40,14 @@ class _Parser(argparse.ArgumentParser):
         raise FlameError(f"{message} (see {self.prog} --help)")
 
 
+class _Extend(argparse.Action):
+    """A list flag given twice adds to the list (`--data a --data b`), as one given once with both."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, S)
+        setattr(namespace, self.dest, (list(current) if isinstance(current, list) else []) + list(values))
+
+
 def _bool_type(s: str) -> bool:
     try:
         return settings.parse_bool(s)
@@ -78,7 +86,7 @@ def add_field(parser, f: dataclasses.Field, hint) -> None:
             parser.add_argument(*names, action="store_true", **kw)
         return
     if origin is list:
-        kw["nargs"] = "+"
+        kw.update(nargs="+", action=_Extend)
     elif origin is tuple:
         kw["nargs"] = len(base.__args__)
     elif meta.get("optional_value") is not settings.MISSING:

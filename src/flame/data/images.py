@@ -16,6 +16,10 @@ uint8 until they reach the device (`normalize_images`), which quarters host->dev
 - Position: every batch carries its worker's (epoch, samples passed in that epoch). A resumed
   stream skips to that point (reading but not decoding the skipped samples), and DataLoader's
   strict round-robin over workers is restored by rotating logical worker ids (`rotate`).
+- Weighted mixes (`StreamConfig.sources`, from `--data SHARDS::WEIGHT`): each worker instead
+  draws with replacement, forever (`flame.data.mix.ResampledOrder`): every sample's source by
+  weight, whole shards of that source uniformly. No split between workers (each draws its own
+  sequence); the position adds the order's counters, so a resume continues it exactly.
 - Samples whose key has no stored embedding, or whose image does not decode, are skipped and
   counted in the batch state (`missing`, `undecodable`); never fatal.
 
@@ -236,9 +240,55 @@ class StreamConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)
     rank: int = 0
     world: int = 1
-    positions: dict = field(default_factory=dict)  # logical worker -> [epoch, pos]
+    positions: dict = field(default_factory=dict)  # logical worker -> [epoch, pos] (+ the mix's position)
     rotate: int = 0
     max_pixels: int = MAX_PIXELS  # larger images are skipped as undecodable
+    sources: list[dict] | None = None  # a weighted mix (flame.data.mix): [{"shards": [paths], "weight": w}, ...]
+    epoch_samples: int = 0  # with sources: the samples of one (reported) epoch
+
+
+class _Batcher:
+    """One stream's batch in the making and its skip counters."""
+
+    def __init__(self, config: StreamConfig, store):
+        self.config, self.store = config, store
+        self.have = set(store.shards)
+        self.counts = {"missing": 0, "undecodable": 0, "samples": 0}
+        self.batch: list[tuple[torch.Tensor, np.ndarray, str]] = []
+
+    def add(self, sample: dict, visit: int) -> bool:
+        """Decode one tar sample into the batch; False (counted) when it has no stored embedding
+        or its image does not decode. `visit` (the epoch) seeds its crop and facets."""
+        c, counts = self.config, self.counts
+        key, url = sample.get("__key__"), sample.get("__url__", "")
+        name = shard_name(Path(url))
+        row = self.store.index(name).get(key) if name in self.have else None
+        if row is None:
+            counts["missing"] += 1
+            return False
+        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        rng = random.Random(sample_seed(c.seed, visit, name, key))
+        facets = choose_facets(rng, c.eligible, c.m)
+        try:
+            if data is None:
+                raise ValueError("no image")
+            img = load_image(data, c.image_size, rng, c.crop_scale, c.max_pixels)
+        except Exception:
+            counts["undecodable"] += 1
+            return False
+        self.batch.append((img, self.store.get(name, row, facets), f"{name}/{key}"))
+        counts["samples"] += 1
+        return True
+
+    def emit(self, state: dict) -> dict:
+        images, texts, keys = zip(*self.batch)
+        self.batch = []
+        return {
+            "images": torch.stack(images),
+            "texts": torch.from_numpy(np.stack(texts)).to(torch.float16),
+            "keys": list(keys),
+            "state": {**state, **self.counts},
+        }
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -253,21 +303,24 @@ class TrainStream(torch.utils.data.IterableDataset):
         return (info.id + self.config.rotate) % info.num_workers, info.num_workers
 
     def __iter__(self) -> Iterator[dict]:
-        import webdataset as wds
-
         from flame.store import EmbeddingStore
 
         c = self.config
         logical, workers = self._worker()
         g, G = c.rank * workers + logical, c.world * workers
-        store = EmbeddingStore(c.store)
-        have = set(store.shards)
+        reader = _Batcher(c, EmbeddingStore(c.store))
+        position = c.positions.get(logical, c.positions.get(str(logical), (0, 0)))
+        if c.sources:
+            yield from self._resampled(reader, logical, g, G, position)
+        else:
+            yield from self._epochs(reader, logical, g, G, position)
+
+    def _epochs(self, reader: _Batcher, logical: int, g: int, G: int, position) -> Iterator[dict]:
+        import webdataset as wds
+
+        c = self.config
         shards = sorted(c.shards)
-        epoch, skip = c.positions.get(logical, c.positions.get(str(logical), (0, 0)))
-        counts = {"missing": 0, "undecodable": 0, "samples": 0}
-        batch_img: list[torch.Tensor] = []
-        batch_txt: list[np.ndarray] = []
-        batch_keys: list[str] = []
+        epoch, skip = position[0], position[1]
         while True:
             order = list(shards)
             random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
@@ -282,43 +335,42 @@ class TrainStream(torch.utils.data.IterableDataset):
                 if sample_split and i % G != g:
                     continue
                 pos += 1
-                if pos <= skip:
+                if pos <= skip or not reader.add(sample, epoch):
                     continue
-                key, url = sample.get("__key__"), sample.get("__url__", "")
-                name = shard_name(Path(url))
-                row = store.index(name).get(key) if name in have else None
-                if row is None:
-                    counts["missing"] += 1
-                    continue
-                data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-                rng = random.Random(sample_seed(c.seed, epoch, name, key))
-                facets = choose_facets(rng, c.eligible, c.m)
-                try:
-                    if data is None:
-                        raise ValueError("no image")
-                    img = load_image(data, c.image_size, rng, c.crop_scale, c.max_pixels)
-                except Exception:
-                    counts["undecodable"] += 1
-                    continue
-                batch_img.append(img)
-                batch_txt.append(store.get(name, row, facets))
-                batch_keys.append(f"{name}/{key}")
                 used_this_epoch += 1
-                counts["samples"] += 1
-                if len(batch_img) == c.batch_size:
-                    yield {
-                        "images": torch.stack(batch_img),
-                        "texts": torch.from_numpy(np.stack(batch_txt)).to(torch.float16),
-                        "keys": batch_keys,
-                        "state": {"worker": logical, "epoch": epoch, "pos": pos, **counts},
-                    }
-                    batch_img, batch_txt, batch_keys = [], [], []
+                if len(reader.batch) == c.batch_size:
+                    yield reader.emit({"worker": logical, "epoch": epoch, "pos": pos})
             if used_this_epoch == 0 and skip == 0:
                 raise RuntimeError(
                     f"data worker {g} of {G} found no usable samples in its {len(mine)} shard(s) "
-                    f"({counts['missing']} without embeddings, {counts['undecodable']} undecodable)"
+                    f"({reader.counts['missing']} without embeddings, {reader.counts['undecodable']} undecodable)"
                 )
             epoch, skip = epoch + 1, 0
+
+    def _resampled(self, reader: _Batcher, logical: int, g: int, G: int, position) -> Iterator[dict]:
+        """The weighted mix (flame.data.mix): drawn with replacement, forever. The position is
+        (epoch, samples drawn, generation, per source (shard draw, samples read)); the epoch is
+        only reported (epoch_samples samples over every worker make one)."""
+        from flame.data.mix import ResampledOrder
+
+        c = self.config
+        mix = list(position[2:])
+        generation = mix[0] if mix else position[0]  # no mix state: a fresh sequence (start, or a new layout)
+        order = ResampledOrder([s["shards"] for s in c.sources], [s["weight"] for s in c.sources], seed=c.seed,
+                               generation=generation, worker=g, workers=G, position=mix[1:])
+        unusable = 0
+        for sample, _source, visit in order:
+            if not reader.add(sample, visit):
+                unusable += 1
+                if unusable > 100_000:
+                    raise RuntimeError(f"data worker {g} of {G} found no usable samples in 100,000 draws")
+                continue
+            unusable = 0
+            if len(reader.batch) == c.batch_size:
+                drawn = order.position()[0]
+                epoch = generation + drawn * G // max(1, c.epoch_samples)
+                yield reader.emit({"worker": logical, "epoch": epoch, "pos": drawn,
+                                  "mix": [generation, *order.position()]})
 
 
 def _worker_init(_):

@@ -17,7 +17,7 @@ DEFAULT_EPOCHS = 32.0  # when neither --steps nor --epochs is given
 DEFAULT_POSITIVES = 6  # m, capped at the eligible facets
 # settings that may change between a run and its resume without --force
 RESUME_FREE = {"out", "resume", "force", "log_every", "save_every", "keep", "tensorboard", "progress", "config",
-               "eval", "eval_every", "max_nonfinite"}
+               "eval", "eval_every", "max_nonfinite", "report_to"}
 
 DESCRIPTION = (
     "Train a FLAME image tower on webdataset image shards against an embedding store made by "
@@ -43,13 +43,31 @@ def _crop(v: tuple[float, float]) -> bool:
 
 
 ONE = at_least(1)
+REPORT_TO = ("jsonl", "tensorboard", "wandb")  # where --report-to may send the log records
+
+
+def _sources(v: list[str]) -> bool:
+    from flame.data.mix import parse_sources
+    from flame.errors import FlameError
+
+    try:
+        return bool(parse_sources(v))
+    except FlameError:
+        return False
+
+
+def _report_to(v: str) -> bool:
+    names = [n.strip() for n in v.split(",")]
+    return v.strip() == "none" or (all(n in REPORT_TO for n in names) and len(set(names)) == len(names))
 
 
 @dataclass
 class TrainConfig:
     # data
-    data: list[str] = setting([], required=True, metavar="SHARDS", group="data",
-                              help="image shards: brace pattern, glob, folder or files (keys must match the store)")
+    data: list[str] = setting([], required=True, metavar="SHARDS", group="data", check=(
+                                  _sources, "must each be SHARDS or SHARDS::WEIGHT with WEIGHT a positive number"),
+                              help="image shards: brace pattern, glob, folder or files (keys must match the store); "
+                                   "repeat it for several sources, SHARDS::WEIGHT for a weighted mix")
     embeddings: str = setting("", required=True, metavar="STORE", group="data",
                               help="embedding store folder from flame embed")
     out: str = setting("", required=True, metavar="RUN", group="data", help="run folder (checkpoints, logs)")
@@ -57,6 +75,20 @@ class TrainConfig:
     crop_scale: tuple[float, float] = setting((0.9, 1.0), check=(_crop, "must be LO HI with 0 < LO <= HI <= 1"),
                                               metavar=("LO", "HI"), group="data",
                                               help="random resized crop area range")
+    # data mix and reporting (weighted --data sources, the resampled stream, --report-to)
+    resampled: bool | None = setting(None, optional_value=True, metavar="BOOL", shown="on when a --data has a ::WEIGHT",
+                                     group="data",
+                                     help="draw shards with replacement: each sample's source by its --data ::WEIGHT "
+                                          "(a share of the samples; 1 when not given), each source's shards "
+                                          "uniformly; off = epochs without replacement over the joined data")
+    train_num_samples: int | None = setting(None, check=ONE, metavar="N", shown="the data's usable samples",
+                                            group="data", help="samples that make one epoch for --epochs (and for "
+                                                               "the logged epoch of a resampled run)")
+    report_to: str | None = setting(None, check=(_report_to, f"must be none or a comma list of {', '.join(REPORT_TO)}"),
+                                    metavar="LIST", shown="jsonl,tensorboard", group="run",
+                                    help="where log records go: jsonl (RUN/log.jsonl), tensorboard (RUN/tensorboard), "
+                                         "wandb (Weights & Biases, pip install wandb; WANDB_MODE=offline works "
+                                         "offline, files under RUN/wandb); --no-tensorboard drops tensorboard")
     # model
     tower: str = setting("vit-b-16", group="model", help="vit-tiny, vit-s-16, vit-b-16, vit-b-32, vit-l-14, timm:NAME")
     image_size: int | None = setting(None, check=ONE, shown="the tower's", group="model", help="input resolution")
@@ -97,7 +129,8 @@ class TrainConfig:
     accum: int = setting(1, check=ONE, group="optimisation", help="gradient accumulation micro-steps")
     steps: int | None = setting(None, check=ONE, group="optimisation", help="optimizer steps (or --epochs)")
     epochs: float | None = setting(None, check=POSITIVE, shown=f"{DEFAULT_EPOCHS:g} if no --steps",
-                                   group="optimisation", help="passes over the joined data")
+                                   group="optimisation",
+                                   help="passes over the joined data (epochs of --train-num-samples when given)")
     lr: float = setting(5e-4, check=POSITIVE, group="optimisation", help="peak learning rate")
     min_lr: float = setting(0.0, check=at_least(0), group="optimisation", help="cosine floor")
     warmup: int = setting(2000, check=at_least(0), group="optimisation",
@@ -121,7 +154,8 @@ class TrainConfig:
     max_nonfinite: int = setting(20, check=ONE, group="run",
                                  help="stop after this many consecutive steps with a non-finite loss or gradient "
                                       "(each is skipped)")
-    tensorboard: bool = setting(True, negate="--no-tensorboard", group="run", help="no TensorBoard event files")
+    tensorboard: bool = setting(True, negate="--no-tensorboard", group="run",
+                                help="no TensorBoard event files (the same as leaving tensorboard out of --report-to)")
     progress: bool = setting(True, negate="--no-progress", group="run", help="no progress bar")
     eval: str | None = setting(None, metavar="SUITE", group="run",
                                help="evaluate on this flame-eval suite file during training (rank 0; logged as "

@@ -1,44 +1,74 @@
-"""What a run reports: RUN/log.jsonl and TensorBoard (`Logger`), the progress bar and console
-lines (`Console`), and the running loss and speed between two log lines (`Meter`). Rank 0
-writes; on the other ranks every method is a no-op."""
+"""What a run reports: RUN/log.jsonl, TensorBoard and Weights & Biases (`Logger`, the
+destinations of `--report-to`), the progress bar and console lines (`Console`), and the running
+loss and speed between two log lines (`Meter`). Rank 0 writes; on the other ranks every method
+is a no-op."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import time
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from flame import distributed as dist
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
 from flame.runfolder import write_file
 
 log = logging.getLogger("flame.train")
+DEFAULT_REPORT_TO = ("jsonl", "tensorboard")
+WANDB_ID = "wandb-id"  # RUN/wandb-id: the W&B run id, so a resumed job logs to the same run
+
+
+def destinations(report_to: str | None, tensorboard: bool = True) -> tuple[str, ...]:
+    """`--report-to` (None: jsonl,tensorboard) less tensorboard under `--no-tensorboard`; wandb
+    only when it is installed. One FlameError line otherwise."""
+    given = report_to is not None
+    names = DEFAULT_REPORT_TO if not given else () if report_to.strip() == "none" else tuple(
+        n.strip() for n in report_to.split(","))
+    if not tensorboard:
+        if given and "tensorboard" in names:
+            raise FlameError(f"--no-tensorboard contradicts --report-to {report_to}")
+        names = tuple(n for n in names if n != "tensorboard")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise FlameError("--report-to wandb: wandb is not installed (pip install wandb, or leave it out)")
+    return names
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """A log record's numbers under their TensorBoard / W&B names (train/KEY, eval/...)."""
+    return {k if k.startswith("eval/") else f"train/{k}": v for k, v in record.items()
+            if k != "step" and isinstance(v, int | float)}
 
 
 class Logger:
-    """RUN/log.jsonl (one JSON record per line) and, optionally, TensorBoard scalars. A resumed
-    run first drops the lines past its step (they will be recomputed) and torn ones."""
+    """RUN/log.jsonl (one JSON record per line), TensorBoard scalars and W&B history, as
+    `report_to` says (a bool: the old --tensorboard switch beside log.jsonl). A resumed run first
+    drops the log.jsonl lines past its step (they will be recomputed) and torn ones."""
 
-    def __init__(self, run: Path, enabled: bool, tensorboard: bool, start_step: int):
+    def __init__(self, run: Path, enabled: bool, report_to: bool | Sequence[str], start_step: int,
+                 config: dict | None = None):
         self.enabled = enabled
-        self.tb = None
-        self.jsonl = None
-        if not enabled:
-            return
-        self.path = run / "log.jsonl"
-        if self.path.is_file():
-            self._truncate(start_step)
-        self.jsonl = self.path.open("a")
-        if tensorboard:
+        self.tb = self.jsonl = self.wandb = None
+        names = destinations(None, report_to) if isinstance(report_to, bool) else tuple(report_to)
+        error = None
+        if enabled:
+            self.path = run / "log.jsonl"
+            if self.path.is_file():
+                self._truncate(start_step)
+            self.jsonl = self.path.open("a") if "jsonl" in names else None
+            if "tensorboard" in names:
+                self.tb = _tensorboard(run, start_step)
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-            except Exception as e:  # tensorboard missing or broken: keep training
-                log.warning("tensorboard disabled: %s", e)
+                self.wandb = _wandb(run, config or {}) if "wandb" in names else None
+            except FlameError as e:
+                error = str(e)
+        dist.check_errors(error)
 
     def _truncate(self, start_step: int) -> None:
         kept, torn = [], 0
@@ -57,22 +87,54 @@ class Logger:
         if not self.enabled:
             return
         try:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
+            if self.jsonl is not None:
+                self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.flush()
         except OSError as e:
             raise FlameError(
                 f"cannot write {self.path} ({e.strerror or e}); free some space and rerun with --resume"
             ) from None
         if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float):
-                    self.tb.add_scalar(k if k.startswith("eval/") else f"train/{k}", v, record["step"])
+            for k, v in scalars(record).items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars(record), step=record["step"])
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _tensorboard(run: Path, start_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(run / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+    except Exception as e:  # tensorboard missing or broken: keep training
+        log.warning("tensorboard disabled: %s", e)
+        return None
+
+
+def _wandb(run: Path, config: dict):
+    """A W&B run under RUN/wandb (project $WANDB_PROJECT or "flame", named after the run folder),
+    the same one again when the job is resumed (its id is kept in RUN/wandb-id)."""
+    import wandb
+
+    id_file = run / WANDB_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    if not run_id:
+        run_id = uuid.uuid4().hex[:16]
+        write_file(id_file, run_id + "\n")
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "flame"), name=run.resolve().name, dir=str(run),
+                          id=run_id, resume="allow", config=config,
+                          settings=wandb.Settings(console="off", silent=True))
+    except Exception as e:  # no login, no network without WANDB_MODE=offline, a bad setting
+        raise FlameError(f"--report-to wandb: {first_line(e)} (WANDB_MODE=offline logs without an account)") from None
 
 
 class Console:

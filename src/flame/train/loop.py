@@ -65,7 +65,7 @@ class Trainer:
         self.prepare_run_folder()
         loader = self.make_loader()
         self.describe()
-        self.logger = Logger(self.run, self.main, self.cfg.tensorboard, self.state.step)
+        self.logger = Logger(self.run, self.main, self.plan.report_to, self.state.step, self.cfg.comparable())
         self.console = Console(self.main, self.cfg.progress, self.plan.steps * self.global_batch,
                                self.state.step * self.global_batch, desc=self.desc)
         self.meter = Meter(self.state.step, self.device)
@@ -226,6 +226,7 @@ class Trainer:
             seed=cfg.seed, crop_scale=tuple(cfg.crop_scale), rank=dist.rank(), world=dist.world_size(),
             positions={k: list(v) for k, v in self.state.positions.items()},
             rotate=self.state.batches % max(1, workers),
+            sources=self.plan.mix, epoch_samples=cfg.train_num_samples or self.plan.samples,
         )
         return make_loader(stream, workers, pin_memory=self.device.type == "cuda")
 

@@ -41,14 +41,18 @@ class Plan:
     resume_state: dict | None = None  # the checkpoint's state.pt (plain data), when resuming
     data: dict = field(default_factory=dict)  # what the data order depends on (kept in every checkpoint)
     init_logit_scale: float = 10.0  # t at step 0 (resolved from "auto")
+    mix: list[dict] | None = None  # the resampled stream's sources: [{"shards": [paths], "weight": w}] (mix_plan)
+    report_to: tuple[str, ...] = ("jsonl", "tensorboard")  # the log's destinations (logger.destinations)
 
 
 def plan(cfg: TrainConfig) -> Plan:
-    from flame.data.images import eligible_facets, resolve_shards
+    from flame.data.images import eligible_facets
     from flame.store import EmbeddingStore
+    from flame.train.logger import destinations
     from flame.vision import TowerConfig, check_tower_name
 
-    shards = resolve_shards(cfg.data)
+    report_to = destinations(cfg.report_to, cfg.tensorboard)
+    sources, shards = source_shards(cfg.data)
     store = EmbeddingStore(cfg.embeddings)
     check_tower_name(cfg.tower)
     check_store(cfg, store)
@@ -69,12 +73,62 @@ def plan(cfg: TrainConfig) -> Plan:
 
         resolve(cfg.tower_init, cfg.tower)
     usable, samples, data = usable_data(shards, store)
+    mix = mix_plan(cfg, sources, usable, store)
+    if mix is not None:
+        data["mix"] = [{"shards": sorted(shard_names(s["shards"])), "weight": s["weight"]} for s in mix]
     if state is not None and not cfg.force:
         check_same_data(state, data, resume_from)
-    steps = total_steps(cfg, samples, state)
+    steps = total_steps(cfg, cfg.train_num_samples or samples, state)
     init_t = initial_logit_scale(cfg.init_logit_scale, store, usable, eligible) if state is None else 10.0
     return Plan(cfg, usable, store, tower_config, eligible, m, steps, warmup_steps(cfg.warmup, steps), resume_from,
-                samples, state, data, init_t)
+                samples, state, data, init_t, mix, report_to)
+
+
+# -- the data: sources and their mix ---------------------------------------------------------
+def source_shards(specs) -> tuple[list[tuple[object, list[Path]]], list[Path]]:
+    """(each --data source (flame.data.mix.Source: spec and weight) with its shard files, all the
+    shards). Without weights the specs are resolved together, as one list (every shard once)."""
+    from flame.data.images import resolve_shards
+    from flame.data.mix import parse_sources, weighted
+
+    sources = parse_sources(specs)
+    if not weighted(sources):
+        return [(s, []) for s in sources], resolve_shards([s.spec for s in sources])
+    found = [(source, resolve_shards(source.spec)) for source in sources]
+    return found, list(dict.fromkeys(p for _, paths in found for p in paths))
+
+
+def shard_names(paths) -> list[str]:
+    from flame.data.shards import shard_name
+
+    return [shard_name(Path(p)) for p in paths]
+
+
+def mix_plan(cfg: TrainConfig, sources, usable: list[Path], store) -> list[dict] | None:
+    """The resampled stream's sources (None: the epoch stream). --resampled defaults to on when a
+    --data has a ::WEIGHT; without any weight all the data is one source. Each source keeps its
+    shards that have embeddings (at least one), and no shard may be in two weighted sources."""
+    from flame.data.mix import weighted
+
+    if cfg.resampled is False and weighted([s for s, _ in sources]):
+        raise FlameError("--data ::WEIGHT needs the resampled stream: drop --resampled false")
+    if not (cfg.resampled or weighted([s for s, _ in sources])):
+        return None
+    if not weighted([s for s, _ in sources]):
+        return [{"shards": sorted(str(p) for p in usable), "weight": 1.0}]
+    have, owner, mix = set(usable), {}, []
+    for source, found in sources:
+        for p in found:
+            if owner.setdefault(p, source.spec) != source.spec:
+                raise FlameError(f"shard {p.name} is in two --data sources ({owner[p]} and {source.spec})")
+        kept = sorted(str(p) for p in found if p in have)
+        if not kept:
+            raise FlameError(f"--data {source.spec}: none of its {len(found)} shard(s) has embeddings in the store")
+        mix.append({"shards": kept, "weight": 1.0 if source.weight is None else source.weight})
+    if dist.is_main():
+        log.info("data mix (resampled): %s", ", ".join(
+            f"{s.spec} {m['weight'] / sum(x['weight'] for x in mix):.0%}" for (s, _), m in zip(sources, mix)))
+    return mix
 
 
 # -- checks --------------------------------------------------------------------------------
@@ -175,6 +229,8 @@ def data_change(old: dict, new: dict) -> str | None:
             return f"{what} changed ({'; '.join(p for p in parts if p)})"
     if old.get("samples") is not None and old["samples"] != new["samples"]:
         return f"the number of usable samples changed ({old['samples']} -> {new['samples']})"
+    if old.get("mix") != new.get("mix"):
+        return "the data mix (its sources or weights) changed"
     return None
 
 
@@ -195,8 +251,8 @@ def positives(cfg: TrainConfig, eligible: list[int]) -> int:
 
 
 def total_steps(cfg: TrainConfig, samples: int, state: dict | None) -> int:
-    """--steps, else --epochs (default 32) over the data. A resume whose --epochs are unchanged but
-    whose data size changed keeps the step count the run was planned with."""
+    """--steps, else --epochs (default 32) of `samples` (the data's, or --train-num-samples). A
+    resume whose --epochs are unchanged but whose data size changed keeps the step count the run was planned with."""
     if cfg.steps is not None:
         return cfg.steps
     epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS

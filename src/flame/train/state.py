@@ -30,14 +30,15 @@ COUNTS = ("missing", "undecodable", "samples")
 class TrainState:
     step: int = 0
     batches: int = 0  # micro-batches this rank has drawn
-    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # loader worker -> (epoch, position)
+    # loader worker -> (epoch, position), and for a weighted mix its order's counters (flame.data.mix)
+    positions: dict[int, tuple[int, ...]] = field(default_factory=dict)
     counts: dict[int, dict[str, int]] = field(default_factory=dict)  # loader worker -> COUNTS
 
     def observe(self, stream_state: dict) -> None:
         """Account for one micro-batch from the loader (its "state" entry)."""
         self.batches += 1
         worker = stream_state["worker"]
-        self.positions[worker] = (stream_state["epoch"], stream_state["pos"])
+        self.positions[worker] = (stream_state["epoch"], stream_state["pos"], *stream_state.get("mix", ()))
         self.counts[worker] = {k: stream_state[k] for k in COUNTS}
 
     @property
