@@ -85,6 +85,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     """"auto" -> this rank's GPU if there is one, else the CPU; "cuda" -> cuda:LOCAL_RANK."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda:") and launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise FlameError(f"--device {device} under torchrun would put every rank on one GPU: use --device cuda "
+                         "(each rank takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise FlameError("--device cuda requested but no CUDA device is available")

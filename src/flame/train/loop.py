@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -39,7 +40,7 @@ class Trainer:
         self.main, self.run = dist.is_main(), Path(cfg.out)
         self.evaluator = _evaluator(cfg, plan, device)  # before the seed: it loads (and frees) the LLM
         if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
+            deterministic()
         seed_everything(cfg.seed)
         self.build()
         self.state = TrainState()
@@ -243,6 +244,14 @@ class Trainer:
             p.m, len(p.eligible), self.global_batch, dist.world_size(), cfg.batch_size, cfg.accum, p.steps, p.warmup,
             self.device, " bf16" if self.bf16 else "",
         )
+
+
+def deterministic() -> None:
+    """Deterministic algorithms. On CUDA, cuBLAS is only deterministic with a fixed workspace, and
+    torch raises at the first matmul without it; it must be set before cuBLAS starts, so here,
+    before the model is built (a value the user set is kept)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def build_model(cfg: TrainConfig, plan: Plan, device: torch.device):

@@ -276,7 +276,13 @@ def grad_checkpointing(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    """bf16 autocast: asked for, or "auto" on a GPU that computes bf16 natively (Ampere or newer;
+    a V100 or T4 would emulate it, slower than fp32). Asked for on such a GPU: refused."""
+    native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    if cfg.precision == "bf16" and not native:
+        raise FlameError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
+                         "(it would be emulated, slower than fp32); use --precision fp32 or auto")
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and native)
 
 
 def initial_logit_scale(spec: str, store, shards: list[Path], eligible: list[int], sample: int = 2048) -> float:
