@@ -291,6 +291,17 @@ class _Batcher:
         }
 
 
+def worker_shards(order: list, g: int, G: int) -> tuple[list, int, int]:
+    """(the shards data worker g of G reads, and which part of their samples it keeps: every
+    `parts`-th from `part`). With at least G shards each worker reads its own and keeps all; with
+    fewer, each shard is read only by the ~G/S workers that share it (not by every worker, which
+    read the whole data G times per epoch), each keeping its share of that shard's samples."""
+    if len(order) >= G:
+        return order[g::G], 0, 1
+    shard = g % len(order)
+    return [order[shard]], g // len(order), len(range(shard, G, len(order)))
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     def __init__(self, config: StreamConfig):
         super().__init__()
@@ -324,15 +335,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         while True:
             order = list(shards)
             random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
-            if len(order) >= G:
-                mine, sample_split = order[g::G], False
-            else:
-                mine, sample_split = order, True
+            mine, part, parts = worker_shards(order, g, G)
             pos = 0  # samples of this worker passed in this epoch
             used_this_epoch = 0
             stream = wds.tarfile_samples([{"url": u} for u in mine], handler=wds.warn_and_continue)
             for i, sample in enumerate(stream):
-                if sample_split and i % G != g:
+                if i % parts != part:
                     continue
                 pos += 1
                 if pos <= skip or not reader.add(sample, epoch):

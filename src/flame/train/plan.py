@@ -74,6 +74,8 @@ def plan(cfg: TrainConfig) -> Plan:
         resolve(cfg.tower_init, cfg.tower)
     usable, samples, data = usable_data(shards, store)
     mix = mix_plan(cfg, sources, usable, store)
+    if mix is None:
+        warn_few_shards(len(usable), max(1, cfg.workers) * dist.world_size())
     if mix is not None:
         data["mix"] = [{"shards": sorted(shard_names(s["shards"])), "weight": s["weight"]} for s in mix]
     if state is not None and not cfg.force:
@@ -140,6 +142,15 @@ def check_store(cfg: TrainConfig, store) -> None:
         raise FlameError(f"store {store.path} has K={store.k} facets but the model config asks for K={cfg.k}")
     if cfg.precision == "bf16" and cfg.device == "cpu":
         log.info("bf16 autocast on CPU requested")
+
+
+def warn_few_shards(shards: int, data_workers: int) -> None:
+    """Fewer shards than data workers: each shard is read by several workers, each keeping its
+    share (flame.data.images.worker_shards), so the data is read that many times per epoch."""
+    if shards < data_workers and dist.is_main():
+        log.warning("%d shards for %d data workers (ranks x --workers): each shard is read by about %d workers "
+                    "per epoch; reshard into at least %d shards or use fewer --workers", shards, data_workers,
+                    -(-data_workers // shards), data_workers)
 
 
 def find_resume(cfg: TrainConfig, run: Path) -> Path | None:
