@@ -38,7 +38,20 @@ def _train(cfg: TrainConfig, device: torch.device) -> int:
         error = str(e)
     try:
         dist.check_errors(error)
+        same_checkpoint(p)
         return Trainer(cfg, p, device).fit()
     finally:
         if lock is not None:
             lock.release()
+
+
+def same_checkpoint(p) -> None:
+    """Every rank resolved `--resume` on its own (`latest` in the run folder): on a filesystem that
+    is not yet consistent, ranks could load different steps, which DDP never re-syncs and whose
+    unequal step counts end in a hang. All must name the same checkpoint at the same step."""
+    seen = dist.all_gather_object((str(p.resume_from), p.resume_state["step"] if p.resume_state else 0))
+    if len(set(seen)) > 1:
+        rank = next(r for r, s in enumerate(seen) if s != seen[0])
+        raise dist.AgreedError(f"--resume: rank 0 resumes from {seen[0][0]} (step {seen[0][1]}) but rank {rank} from "
+                         f"{seen[rank][0]} (step {seen[rank][1]}): is the run folder the same, and in sync, on "
+                         "every machine?")
