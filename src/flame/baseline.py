@@ -37,6 +37,7 @@ from torch import nn
 from flame.distributed import resolve_device
 from flame.errors import FlameError
 from flame.fileio import replace, write_atomic
+from flame.train import accumulate
 from flame.train.config import TrainConfig, validate
 from flame.train.loop import Trainer
 from flame.train.optim import adamw, param_groups, schedule
@@ -188,6 +189,11 @@ class ClipTrainer(Trainer):
         images = normalize_images(batch["images"].to(self.device), self.model.mean, self.model.std)
         tokens = self.text.tokenize([self.captions[k] for k in batch["keys"]]).to(self.device)
         return self.loss_fn(self.model.visual(images), self.text(tokens), self.text.logit_scale.exp())
+
+    def backward(self, micro: list[dict]) -> torch.Tensor:
+        """Each micro-batch its own ClipLoss (its own captions), averaged: the text tower is trained,
+        so the texts are not constant and `flame train`'s exact accumulation does not apply."""
+        return accumulate.per_micro(self, micro)
 
     def after_update(self) -> None:
         with torch.no_grad():
