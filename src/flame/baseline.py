@@ -10,7 +10,9 @@ schedule and optimizer settings. It is trained by `flame train`'s own loop (`Cli
 `flame.train.loop.Trainer` with the CLIP model, loss and optimizers), planned and checked by
 `flame.train.plan` from a `TrainConfig` (`BaselineConfig.recipe`). The image side is saved as a
 `FlameModel` folder, so the evaluation code reads it exactly like a FLAME checkpoint; `ClipText`
-supplies its texts.
+supplies its texts. Its text tower is trained, so gradient accumulation (the recipe's `accum`) stays
+per micro-batch (each micro-batch's ClipLoss over its own captions, averaged), not `flame train`'s
+exact accumulation, which needs constant texts.
 
 Folder written by `train_baseline` (`done.json` last, so a run that stopped is redone):
     OUT/image/            FlameModel (model.safetensors + config.json) of the image side

@@ -42,7 +42,7 @@ def one_step(trainer, batches) -> tuple[float, dict[str, torch.Tensor]]:
     skipped = trainer.train_step(batches)
     hook.remove()
     assert not skipped
-    return trainer.meter.mean_loss(), grads
+    return trainer.record(trainer.state.step)["loss"], grads  # what log.jsonl gets
 
 
 def join(batches: list[dict]) -> dict:

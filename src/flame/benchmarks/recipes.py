@@ -41,6 +41,8 @@ class Config(BenchConfig):
     steps: int = setting(200, check=at_least(1), help="training steps of every run")
     batch_size: int = setting(48, check=at_least(1), help="the global batch of every run")
     accum: int = setting(4, check=at_least(2), help="micro-steps of the accumulated run")
+    only: list[str] = setting([], metavar="RUN", help="train and report only these runs (e.g. clip-b48; "
+                                                      "several processes can each train some, in parallel)")
 
     def check(self) -> None:
         if self.batch_size % self.accum:
@@ -53,12 +55,16 @@ def main(cfg: Config) -> int:
 
 def variants(cfg: Config) -> dict[str, dict]:
     micro = cfg.batch_size // cfg.accum
-    return {
-        f"mp-sigmoid b{cfg.batch_size}": {"loss": "mp-sigmoid", "batch_size": cfg.batch_size, "accum": 1},
-        f"mp-sigmoid b{micro}x{cfg.accum}": {"loss": "mp-sigmoid", "batch_size": micro, "accum": cfg.accum},
-        **{f"{loss} b{cfg.batch_size}": {"loss": loss, "batch_size": cfg.batch_size, "accum": 1}
+    runs = {
+        f"mp-sigmoid-b{cfg.batch_size}": {"loss": "mp-sigmoid", "batch_size": cfg.batch_size, "accum": 1},
+        f"mp-sigmoid-b{micro}x{cfg.accum}": {"loss": "mp-sigmoid", "batch_size": micro, "accum": cfg.accum},
+        **{f"{loss}-b{cfg.batch_size}": {"loss": loss, "batch_size": cfg.batch_size, "accum": 1}
            for loss in ("mp-softmax", "siglip", "clip")},
     }
+    unknown = sorted(set(cfg.only) - set(runs))
+    if unknown:
+        raise FlameError(f"--only {', '.join(unknown)}: no such run (the runs: {', '.join(runs)})")
+    return {k: v for k, v in runs.items() if not cfg.only or k in cfg.only}
 
 
 def train_config(cfg: Config, out: Path, loss: str, batch_size: int, accum: int):
@@ -104,7 +110,7 @@ def run(cfg: Config) -> dict:
     root = cfg.out or cfg.demo / "bench-recipes"
     figures: dict = {"steps": cfg.steps}
     for name, v in variants(cfg).items():
-        out = root / name.replace(" ", "-")
+        out = root / name
         final = out / checkpoint_name(cfg.steps)
         took = None
         if not (final / "model.safetensors").is_file():
@@ -117,6 +123,6 @@ def run(cfg: Config) -> dict:
         if took is not None:
             result["train_s"] = round(took, 1)
         figures.update({f"{name}: {k}": value for k, value in result.items()})
-    n = figures[f"{next(iter(variants(cfg)))}: test_images"]
+    n = next(v for k, v in figures.items() if k.endswith("test_images"))
     figures["r1_standard_error_at_0.5"] = math.sqrt(0.25 / n)  # the binomial noise of one R@1 on n images
     return figures

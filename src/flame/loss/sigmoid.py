@@ -10,7 +10,7 @@ With P = 1 this is exactly the SigLIP loss (open_clip's `SigLipLoss`). Each imag
 only the (constant) texts, so the loss is a sum over images (`decomposes`): every rank scores
 its own images against all global texts and divides by ``P * b_local``; DDP's gradient
 averaging over W ranks turns that into the single-process loss on the concatenated batch, and
-the same gradients (tests/unit/test_loss_distributed.py).
+the same gradients (tests/unit/test_loss_distributed.py, tests/unit/test_losses.py).
 """
 
 from __future__ import annotations
