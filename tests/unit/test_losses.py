@@ -175,3 +175,11 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
             for key, want in zip(["lin.weight", "lin.bias", "t", "b"], grads):
                 want = torch.zeros_like(got["grads"][key]) if want is None else want  # b cancels in a softmax
                 assert (got["grads"][key] - want).abs().max() < 1e-10, (name, key)
+
+
+def test_loss_is_a_resume_comparable_setting():
+    from flame.train import RESUME_FREE, TrainConfig
+
+    cfg = TrainConfig(data=["d"], embeddings="e", out="o", loss="clip")
+    assert "loss" not in RESUME_FREE and cfg.comparable()["loss"] == "clip"
+    assert TrainConfig(data=["d"], embeddings="e", out="o").loss == "mp-sigmoid"
