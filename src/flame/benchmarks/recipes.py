@@ -91,13 +91,14 @@ def evaluate_run(cfg: Config, checkpoint: Path) -> dict:
     for split in SPLITS:
         task = "zeroshot-classification" if split == "zeroshot" else "retrieval"
         ds = load_dataset(cfg.demo / "data" / "eval" / split, task=task)
-        m = evaluate(model, ds, task=task, prompts=DemoSettings.eval_prompts, workers=0,
-                     cache_dir=cfg.demo / "cache" / "images", progress=False)["metrics"]
+        r = evaluate(model, ds, task=task, prompts=DemoSettings.eval_prompts, workers=0,
+                     cache_dir=cfg.demo / "cache" / "images", progress=False)
+        m, images = r["metrics"], r["images"] - r.get("skipped_images", 0)
         if split == "zeroshot":
             figures["zeroshot_top1"] = m["acc1"]
         else:
             figures.update({f"{split}_i2t_r1": m["text_retrieval_recall@1"],
-                            f"{split}_t2i_r1": m["image_retrieval_recall@1"], f"{split}_images": len(ds)})
+                            f"{split}_t2i_r1": m["image_retrieval_recall@1"], f"{split}_images": images})
     return figures
 
 
