@@ -10,7 +10,9 @@ schedule and optimizer settings. It is trained by `flame train`'s own loop (`Cli
 `flame.train.loop.Trainer` with the CLIP model, loss and optimizers), planned and checked by
 `flame.train.plan` from a `TrainConfig` (`BaselineConfig.recipe`). The image side is saved as a
 `FlameModel` folder, so the evaluation code reads it exactly like a FLAME checkpoint; `ClipText`
-supplies its texts.
+supplies its texts. Its text tower is trained, so gradient accumulation (the recipe's `accum`) stays
+per micro-batch (each micro-batch's ClipLoss over its own captions, averaged), not `flame train`'s
+exact accumulation, which needs constant texts.
 
 Folder written by `train_baseline` (`done.json` last, so a run that stopped is redone):
     OUT/image/            FlameModel (model.safetensors + config.json) of the image side
@@ -37,6 +39,7 @@ from torch import nn
 from flame.distributed import resolve_device
 from flame.errors import FlameError
 from flame.fileio import replace, write_atomic
+from flame.train import accumulate
 from flame.train.config import TrainConfig, validate
 from flame.train.loop import Trainer
 from flame.train.optim import adamw, param_groups, schedule
@@ -188,6 +191,11 @@ class ClipTrainer(Trainer):
         images = normalize_images(batch["images"].to(self.device), self.model.mean, self.model.std)
         tokens = self.text.tokenize([self.captions[k] for k in batch["keys"]]).to(self.device)
         return self.loss_fn(self.model.visual(images), self.text(tokens), self.text.logit_scale.exp())
+
+    def backward(self, micro: list[dict]) -> torch.Tensor:
+        """Each micro-batch its own ClipLoss (its own captions), averaged: the text tower is trained,
+        so the texts are not constant and `flame train`'s exact accumulation does not apply."""
+        return accumulate.per_micro(self, micro)
 
     def after_update(self) -> None:
         with torch.no_grad():

@@ -145,6 +145,33 @@ def all_gather_constant(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the sum, over every rank, of the gradient that
+    reached its own slice (an all-reduce: works on gloo as on nccl)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows, ctx.rank = x.shape[0], rank()
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, in rank order, with the gradient flowing back
+    to every rank's own part (for losses that score each rank's texts against every rank's image
+    embeddings). Same shape on all ranks; every rank must run the backward."""
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x

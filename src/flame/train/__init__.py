@@ -13,6 +13,7 @@ The package, in the order a run uses it:
     config      TrainConfig: every setting once (type, default, help, range)
     plan        checks and derived defaults, before any training time is spent
     loop        Trainer: resume, then `while step < steps: train_step, log, evaluate, checkpoint`
+    accumulate  one step's gradients over its micro-batches, exactly the full batch's
     state       TrainState: step, data positions, counters, RNG (state_dict / load_state_dict)
     optim       weight-decay groups, AdamW, warm-up + cosine schedule
     guard       the non-finite guard

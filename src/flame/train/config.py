@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from flame import config as settings
 from flame.config import POSITIVE, at_least, setting
+from flame.loss import DEFAULT_LOSS, LOSSES
 
 DEFAULT_EPOCHS = 32.0  # when neither --steps nor --epochs is given
 DEFAULT_POSITIVES = 6  # m, capped at the eligible facets
@@ -124,9 +125,17 @@ class TrainConfig:
                                     help="initial logit scale t (10 is the recipe); auto = 10 / sqrt(1 - c), c the "
                                          "mean pairwise cosine of stored vectors, for LLMs whose embeddings crowd "
                                          "into a cone")
+    loss: str = setting(DEFAULT_LOSS, choices=tuple(LOSSES), group="loss",
+                        help="mp-sigmoid (FLAME), mp-softmax (the FLAME release's multi-positive NCE), siglip or clip "
+                             "(one positive per image: the first of the m drawn); negatives from every rank")
     # optimisation (FLAME recipe)
     batch_size: int = setting(384, check=ONE, group="optimisation", help="images per rank per micro-step")
-    accum: int = setting(1, check=ONE, group="optimisation", help="gradient accumulation micro-steps")
+    accum: int = setting(1, check=ONE, group="optimisation",
+                         help="gradient accumulation micro-steps, exact: a step equals one on the accum-times larger "
+                              "batch (images scored against the texts of the whole accumulated batch of every rank; "
+                              "each rank holds world x accum x batch x P x D x 4 bytes of them, P = m or 1 for "
+                              "siglip/clip: 1.2 GB for 8 x 4 x 384 x 6 x 4096; clip and mp-softmax also cache the "
+                              "image embeddings in one extra forward without gradient)")
     steps: int | None = setting(None, check=ONE, group="optimisation", help="optimizer steps (or --epochs)")
     epochs: float | None = setting(None, check=POSITIVE, shown=f"{DEFAULT_EPOCHS:g} if no --steps",
                                    group="optimisation",

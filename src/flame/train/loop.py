@@ -1,8 +1,9 @@
 """The training loop. `Trainer.fit` reads top to bottom: resume, then
 `while step < steps: train_step, log, evaluate, checkpoint`. Everything it uses is built in
 `__init__` from the checked `Plan`, and each concern is its own module: the run state
-(`state`), optimizer and schedule (`optim`), non-finite guard (`guard`), log and progress
-(`logger`), checkpoints (`checkpoint`, names from `flame.runfolder`).
+(`state`), the step's exact gradients over its micro-batches (`accumulate`), optimizer and
+schedule (`optim`), non-finite guard (`guard`), log and progress (`logger`), checkpoints
+(`checkpoint`, names from `flame.runfolder`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from flame import distributed as dist
 from flame.errors import FlameError
 from flame.runfolder import checkpoint_name
+from flame.train import accumulate
 from flame.train.checkpoint import clean_temporaries, save_checkpoint, start_over, write_train_config
 from flame.train.config import TrainConfig
 from flame.train.guard import NonFiniteGuard
@@ -50,7 +52,7 @@ class Trainer:
 
     def build(self) -> None:
         """The model, its (DDP) forward, the parameters trained, optimizers, schedules and loss."""
-        from flame.loss import MultiPositiveSigmoidLoss
+        from flame.loss import make_loss
 
         cfg, plan = self.cfg, self.plan
         self.model = build_model(cfg, plan, self.device)
@@ -58,7 +60,7 @@ class Trainer:
         self.trained: torch.nn.Module = self.model
         self.optimizers = [adamw(param_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)]
         self.schedulers = [schedule(self.optimizers[0], plan.warmup, plan.steps, cfg.lr, cfg.min_lr)]
-        self.loss_fn = MultiPositiveSigmoidLoss()
+        self.loss_fn = make_loss(cfg.loss)
         self.bf16 = use_bf16(cfg, self.device)
 
     def fit(self) -> int:
@@ -88,17 +90,12 @@ class Trainer:
 
     # -- the four parts of a step ----------------------------------------------------------
     def train_step(self, data) -> bool:
-        """One optimizer step over `accum` micro-batches; returns whether it was skipped (a
-        non-finite loss or gradient on any rank: no rank steps on it)."""
-        accum = self.cfg.accum
-        step_loss = torch.zeros((), device=self.device)
-        for micro in range(accum):
-            batch = next_batch(data)
+        """One optimizer step over `accum` micro-batches, that of the accum-times larger batch;
+        returns whether it was skipped (a non-finite loss or gradient on any rank: no rank steps on it)."""
+        micro = [next_batch(data) for _ in range(self.cfg.accum)]
+        for batch in micro:
             self.state.observe(batch["state"])
-            with dist.no_sync(self.ddp, micro < accum - 1):
-                loss = self.loss(batch)
-                (loss / accum).backward()
-            step_loss = step_loss + loss.detach().float()
+        step_loss = self.backward(micro)
         skip = self.guard.skip(step_loss, self.trained)
         self.state.step += 1
         if skip:
@@ -112,23 +109,34 @@ class Trainer:
             for optimizer, scheduler in zip(self.optimizers, self.schedulers):
                 optimizer.step()
                 scheduler.step()
-            self.meter.add(step_loss, accum)
+            self.meter.add(step_loss, 1)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         self.after_update()
         self.console.advance(self.global_batch)
         return skip
 
+    def backward(self, micro: list[dict]) -> torch.Tensor:
+        """The step's gradients, exactly the full batch's (`flame.train.accumulate`); returns its
+        loss (this rank's share: the mean over ranks is the full batch's)."""
+        return accumulate.exact(self, micro)
+
     def loss(self, batch: dict) -> torch.Tensor:
-        """The loss of one micro-batch (through DDP, under bf16 autocast where chosen)."""
+        """The loss of one micro-batch against its own texts (through DDP, under bf16 autocast where chosen)."""
+        with self.autocast():
+            out = self.ddp(self.images(batch))
+            return self.loss_fn(out["image"], self.texts(batch), out["logit_scale"], out["logit_bias"])
+
+    def images(self, batch: dict) -> torch.Tensor:
         from flame.data.images import normalize_images
 
-        device, model = self.device, self.model
-        images = normalize_images(batch["images"].to(device, non_blocking=True), model.mean, model.std)
-        texts = batch["texts"].to(device, non_blocking=True).float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.ddp(images)
-            return self.loss_fn(out["image"], texts, out["logit_scale"], out["logit_bias"])
+        return normalize_images(batch["images"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
+
+    def texts(self, batch: dict) -> torch.Tensor:
+        return batch["texts"].to(self.device, non_blocking=True).float()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def after_update(self) -> None:
         self.model.clamp_()
@@ -238,11 +246,11 @@ class Trainer:
         n_params = sum(q.numel() for q in self.model.parameters())
         log.info(
             "flame train: %s (%.1fM params, D=%d, H=%d, %s), %d shards / %d samples, m=%d of %d facets, "
-            "global batch %d (%d ranks x %d x %d accum), %d steps (%d warm-up), device %s%s",
+            "loss %s, global batch %d (%d ranks x %d x %d accum), %d steps (%d warm-up), device %s%s",
             cfg.tower, n_params / 1e6, p.store.dim, p.tower_config.hidden,
             "pool-first" if p.tower_config.pool_first else "per-token projector", len(p.shards), p.samples,
-            p.m, len(p.eligible), self.global_batch, dist.world_size(), cfg.batch_size, cfg.accum, p.steps, p.warmup,
-            self.device, " bf16" if self.bf16 else "",
+            p.m, len(p.eligible), cfg.loss, self.global_batch, dist.world_size(), cfg.batch_size, cfg.accum, p.steps,
+            p.warmup, self.device, " bf16" if self.bf16 else "",
         )
 
 
