@@ -150,9 +150,11 @@ def run_entries(cfg: Config, entries: list) -> list[dict]:
 
 def checked(entry):
     """Load an entry's dataset description and check it can run its task (class names, templates)."""
+    from flame.evaluate.datasets import check_not_empty
     from flame.evaluate.tasks import class_prompts, default_task
 
     ds = entry.load()
+    check_not_empty(ds)
     if (canonical_task(entry.task) if entry.task else default_task(ds)) == "zeroshot_classification":
         class_prompts(ds)
     return ds

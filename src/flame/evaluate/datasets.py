@@ -25,7 +25,8 @@ What is read (tables and folders alike): only regular files. A symlink is follow
 a regular file (checked on the opened file, so what is decoded is what was checked); a path
 naming a device (`/dev/zero`), a FIFO, a socket or a folder is an unreadable image, skipped at
 once and counted (flame.data.images.read_image_file). Labels must be 0 <= label < the number of
-class names (MAX_UNNAMED_CLASSES without class names); an empty test split is refused.
+class names (MAX_UNNAMED_CLASSES without class names); an empty test split is refused
+(`check_not_empty`) before anything runs on it.
 
 Other languages (classification): see `classtexts.py`, which looks the class names up under
 the dataset's CLIP_benchmark name (the folder name without `wds_`/`wds-` and `_test`, or
@@ -138,11 +139,16 @@ def load_dataset(path: str | Path, task: str | None = None, language: str | None
     return ds
 
 
-def _check_contents(ds: EvalDataset) -> None:
-    """An empty test split and out-of-range labels are refused, naming the sample."""
+def check_not_empty(ds: EvalDataset) -> None:
+    """An empty test split is refused in one line (by `flame eval` before the model is loaded,
+    and by `evaluate`); a description of an empty set still loads (its class names, templates)."""
     if not ds.splits.get("test"):
         what = "captioned images" if ds.kind == "retrieval" else "labelled images"
         raise FlameError(f"{ds.path}: the test split has no {what}; nothing to evaluate")
+
+
+def _check_contents(ds: EvalDataset) -> None:
+    """Out-of-range labels are refused, naming the sample."""
     if ds.kind != "classification":
         return
     n = len(ds.classnames) if ds.classnames else None

@@ -31,7 +31,7 @@ import torch
 from flame.config import load_yaml
 from flame.errors import FlameError
 from flame.evaluate import metrics as M
-from flame.evaluate.datasets import EvalDataset, load_dataset
+from flame.evaluate.datasets import EvalDataset, check_not_empty, load_dataset
 from flame.evaluate.images import SplitVectors, split_vectors
 from flame.evaluate.task_names import TASKS as TASKS  # re-exported: the names live in task_names
 from flame.evaluate.task_names import canonical_task
@@ -102,6 +102,7 @@ def evaluate(
         raise FlameError(f"{ds.path} is a classification set; use zeroshot-classification or linear-probe")
     if task != "zeroshot_retrieval" and ds.kind != "classification":
         raise FlameError(f"{ds.path} is a caption set; use retrieval")
+    check_not_empty(ds)
     text = text if text is not None else model.text_encoder
     prompts = prompts or default_prompts(task, ds, getattr(model, "text", {}) or {})
     img = dict(batch_size=batch_size, workers=workers, cache_dir=cache_dir, progress=progress,
