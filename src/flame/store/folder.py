@@ -312,6 +312,7 @@ class EmbeddingStore:
                     f"{path} exists and is not an embedding store (holds {stray[0]!r}); choose another --out"
                 )
         (path / "shards").mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_temporaries(path, "manifest.json")  # a killed create's
         with disk_errors(str(mf)):
             write_atomic(mf, manifest_bytes(manifest))
         return cls(path)
