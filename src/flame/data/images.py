@@ -31,7 +31,9 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import random
+import stat
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flame.data.shards import expand_shards, shard_name, tar_keys  # tar_keys: the one key scanner, re-exported
 from flame.errors import FlameError
@@ -55,6 +57,9 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 # Larger images are undecodable too (decompression bombs: a few KB of PNG can claim gigapixels;
 # 64 MP is ~200 MB of RGB per data worker). PIL's own limit (89 MP) only warns below twice it.
 MAX_PIXELS = 64 * 1024 * 1024
+# Larger encoded images (files, tar members) are not read at all: a path naming /dev/zero, a
+# 20 GB member or a sparse one is refused from its size, before any byte is read into memory.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
 
 
 class UndecodableImage(ValueError):
@@ -143,17 +148,54 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img
 
 
+def read_image_file(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of an image file: only a regular file (a symlink is followed to what it names,
+    which must itself be a regular file) of at most `max_bytes`. A FIFO, a device (/dev/zero), a
+    socket or a folder raises UndecodableImage at once, without blocking or reading."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UndecodableImage(f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise UndecodableImage(f"{path} holds {st.st_size:,} bytes, over the limit of {max_bytes:,}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # grew while read
+        raise UndecodableImage(f"{path} is over the limit of {max_bytes:,} bytes")
+    return data
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """A decoded RGB image as it is meant to be seen: EXIF orientation applied (phone portraits
+    stand up) and 16-bit greyscale (PNG modes I;16 / I) scaled to 8 bits rather than clipped."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block: the pixels as stored
+        pass
+    if img.mode in _WIDE_GREY:
+        grey = np.asarray(img).astype(np.float64) * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+_WIDE_GREY = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def decode_or_blank(source: bytes | str | Path, transform, size: int) -> tuple[torch.Tensor, bool]:
     """`transform(image)` of encoded bytes or an image file, or (zeros [3, size, size], False)
     when it cannot be read or decoded: how evaluation and `flame search` treat a bad image
-    (skipped and counted, never fatal), under the training stream's rules (`open_image`)."""
+    (skipped and counted, never fatal), under the training stream's rules (`open_image`,
+    `read_image_file`, `as_rgb`)."""
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        data = source if isinstance(source, bytes) else read_image_file(source)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with open_image(data) as img:
                 img.load()
-                return transform(img), True
+                return transform(as_rgb(img)), True
     except Exception:  # unreadable, undecodable, truncated, too large, or a transform that fails on it
         return torch.zeros(3, size, size), False
 
@@ -161,12 +203,12 @@ def decode_or_blank(source: bytes | str | Path, transform, size: int) -> tuple[t
 def load_image(
     data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0), max_pixels: int = MAX_PIXELS
 ) -> torch.Tensor:
-    """Decode, random-resized-crop (or centre-resize when rng is None) -> uint8 [3, S, S].
+    """Decode (`as_rgb`), random-resized-crop (or centre-resize when rng is None) -> uint8 [3, S, S].
     Raises UndecodableImage (or PIL's error for a corrupt file) for what is not decoded."""
     img = open_image(data, max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = img.convert("RGB")
+        img = as_rgb(img)
     if rng is None:
         box = (0, 0, img.width, img.height)
     else:

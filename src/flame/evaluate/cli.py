@@ -75,6 +75,10 @@ class Config:
     embeddings: str | None = setting(None, metavar="STORE", group="what",
                                      help="--prepare: take the text side from this embedding store")
     progress: bool = setting(True, negate="--no-progress", group="running", help="no progress bars")
+    max_unreadable: float = setting(0.1, metavar="FRACTION", group="running",
+                                    check=(lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+                                    help="share of a split's images that may be unreadable (skipped and counted); "
+                                         "more is refused")
 
     def check(self) -> None:
         """The rules between settings, all before a dataset, model or LLM is read."""
@@ -137,7 +141,7 @@ def run_entries(cfg: Config, entries: list) -> list[dict]:
     results = []
     for e, ds in zip(entries, datasets):
         result = evaluate(model, ds, e.task, e.prompts, batch_size=cfg.batch_size, workers=cfg.workers,
-                          progress=cfg.progress)
+                          progress=cfg.progress, max_unreadable=cfg.max_unreadable)
         result["name"] = e.label(ds)
         results.append(result)
     model.text_encoder.unload()
@@ -146,9 +150,11 @@ def run_entries(cfg: Config, entries: list) -> list[dict]:
 
 def checked(entry):
     """Load an entry's dataset description and check it can run its task (class names, templates)."""
+    from flame.evaluate.datasets import check_not_empty
     from flame.evaluate.tasks import class_prompts, default_task
 
     ds = entry.load()
+    check_not_empty(ds)
     if (canonical_task(entry.task) if entry.task else default_task(ds)) == "zeroshot_classification":
         class_prompts(ds)
     return ds

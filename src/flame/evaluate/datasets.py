@@ -8,15 +8,25 @@
         DIR/dataset_type.txt                               `retrieval` for caption sets
 
     Samples hold a `webp`/`png`/`jpg`/`jpeg` image and a `cls` label (classification) or a `txt`
-    with one caption per line (retrieval).
+    with one caption per line (retrieval). A member is read only up to a size cap (MAX_TEXT_BYTES
+    for `cls`/`txt`, flame.data.images.MAX_IMAGE_BYTES for images; GNU sparse members never): a
+    shard with a bigger one, or one that is truncated or corrupt, is refused in one line.
 (b) An image folder with one sub-folder per class (`DIR/CLASS/*.jpg`), optionally split into
     `DIR/train/CLASS/...` and `DIR/test/CLASS/...`. Class names are the folder names with `_`
     read as spaces, unless `DIR/classnames.txt` lists them (one per line, in sorted folder order);
-    templates from `DIR/zeroshot_classification_templates.txt`.
+    templates from `DIR/zeroshot_classification_templates.txt`. Listed: `.jpg .jpeg .png .webp .bmp`,
+    the formats that are decoded (flame.data.images.IMAGE_FORMATS); TIFF and GIF are not read.
 (c) A CSV or JSONL table (the file itself, or `DIR/captions.csv|jsonl`) with an image path column
     (`image`, `image_path`, `path`, `file`, `filename`; relative to the table's folder), a caption
     column (`caption`, `captions`, `text`, `txt`) holding one caption or a list (a JSON list in
     CSV), and optionally `language`/`lang`. Rows repeating an image add captions to it.
+
+What is read (tables and folders alike): only regular files. A symlink is followed when it names
+a regular file (checked on the opened file, so what is decoded is what was checked); a path
+naming a device (`/dev/zero`), a FIFO, a socket or a folder is an unreadable image, skipped at
+once and counted (flame.data.images.read_image_file). Labels must be 0 <= label < the number of
+class names (MAX_UNNAMED_CLASSES without class names); an empty test split is refused
+(`check_not_empty`) before anything runs on it.
 
 Other languages (classification): see `classtexts.py`, which looks the class names up under
 the dataset's CLIP_benchmark name (the folder name without `wds_`/`wds-` and `_test`, or
@@ -28,16 +38,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import lzma
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flame.data.images import MAX_IMAGE_BYTES
 from flame.errors import FlameError, first_line
 from flame.evaluate.classtexts import class_texts, read_lines
 from flame.evaluate.task_names import canonical_task
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
-FILE_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+FILE_IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}  # what open_image decodes (JPEG/PNG/WEBP/BMP)
+UNREAD_IMAGE_EXTS = {".gif", ".tif", ".tiff"}  # named in the error when a folder holds only these
+MAX_TEXT_BYTES = 1024 * 1024  # a `cls` / `txt` member
+MAX_UNNAMED_CLASSES = 100_000  # the label bound of a set without class names
+# what a truncated or corrupt (compressed) tar raises while it is read
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filepath", "filename")
 CAPTION_COLUMNS = ("caption", "captions", "text", "txt")
 LANGUAGE_COLUMNS = ("language", "lang")
@@ -107,7 +125,7 @@ def load_dataset(path: str | Path, task: str | None = None, language: str | None
             ds = reader(path)
             break
     else:
-        raise FlameError(f"{path} is not an evaluation dataset: {FORMATS_HELP}")
+        raise FlameError(f"{path} is not an evaluation dataset: {FORMATS_HELP}{_unread_hint(path)}")
     ds.name = name or dataset_name(ds.path)
     if ds.kind == "retrieval":
         _select_language(ds, language)
@@ -115,15 +133,40 @@ def load_dataset(path: str | Path, task: str | None = None, language: str | None
         ds.language = language or "en"
         texts = class_texts(ds.path, ds.name, ds.language, ds.classnames, ds.templates, templates)
         ds.classnames, ds.templates, ds.template_error = texts.classnames, texts.templates, texts.error
+    _check_contents(ds)
     if task is not None:
         _check_task(ds, task)
     return ds
+
+
+def check_not_empty(ds: EvalDataset) -> None:
+    """An empty test split is refused in one line (by `flame eval` before the model is loaded,
+    and by `evaluate`); a description of an empty set still loads (its class names, templates)."""
+    if not ds.splits.get("test"):
+        what = "captioned images" if ds.kind == "retrieval" else "labelled images"
+        raise FlameError(f"{ds.path}: the test split has no {what}; nothing to evaluate")
+
+
+def _check_contents(ds: EvalDataset) -> None:
+    """Out-of-range labels are refused, naming the sample."""
+    if ds.kind != "classification":
+        return
+    n = len(ds.classnames) if ds.classnames else None
+    bound = n if n is not None else MAX_UNNAMED_CLASSES
+    for split, items in ds.splits.items():
+        for it in items:
+            if it.label is not None and not 0 <= it.label < bound:
+                where = f"{it.shard} sample {it.key}" if it.shard else f"{it.file}"
+                rule = (f"a label must be 0..{n - 1} ({n} class names)" if n is not None
+                        else f"a label must be 0..{bound - 1} without class names")
+                raise FlameError(f"{where} ({split}) has label {it.label}: {rule}")
 
 
 def dataset_name(path: Path) -> str:
     """CLIP_benchmark's name for a downloaded set: `wds_imagenet1k` -> `imagenet1k`, `wds_vtab-cifar10`
     -> `vtab/cifar10`."""
     n = (path.stem if path.is_file() else path.name).lower()
+    n = n.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a name that is not UTF-8 prints
     for prefix in ("wds_", "wds-"):
         if n.startswith(prefix):
             n = n[len(prefix):]
@@ -188,12 +231,17 @@ def _wds_items(shard: Path, kind: str) -> list[Item]:
                 key = m.name[: len(m.name) - len(base)] + key
                 s = samples.setdefault(key, {})
                 ext = ext.lower()
+                if ext in ("cls", "txt") or ext in IMAGE_EXTS:
+                    problem = member_problem(m, MAX_TEXT_BYTES if ext in ("cls", "txt") else MAX_IMAGE_BYTES)
+                    if problem:
+                        raise FlameError(f"{shard}: member {m.name!r} {problem}; the shard is refused")
                 if ext in ("cls", "txt"):
-                    s[ext] = tf.extractfile(m).read().decode("utf-8", "replace")
+                    s[ext] = tf.extractfile(m).read(MAX_TEXT_BYTES).decode("utf-8", "replace")
                 elif ext in IMAGE_EXTS:
                     s["image"] = True
-    except (tarfile.TarError, OSError) as e:
-        raise FlameError(f"cannot read {shard}: {first_line(e)}") from e
+    except TAR_ERRORS as e:
+        reason = first_line(e) or e.__class__.__name__
+        raise FlameError(f"cannot read {shard} (truncated or corrupt?): {reason}") from None
     items = []
     for key, s in samples.items():
         if kind == "retrieval":
@@ -212,7 +260,23 @@ def _wds_items(shard: Path, kind: str) -> list[Item]:
     return items
 
 
+def member_problem(m: tarfile.TarInfo, limit: int) -> str | None:
+    """Why tar member `m` is not read into memory (sparse, or declared over `limit` bytes), or None."""
+    if m.issparse():
+        return "is a GNU sparse member (never read)"
+    if m.size > limit:
+        return f"declares {m.size:,} bytes, over the limit of {limit:,}"
+    return None
+
+
 # ---- (b) class folders -----------------------------------------------------------------------
+def _unread_hint(path: Path) -> str:
+    if not path.is_dir():
+        return ""
+    unread = next((p for p in path.rglob("*") if p.suffix.lower() in UNREAD_IMAGE_EXTS), None)
+    return f" ({unread.name}: TIFF and GIF images are not read; convert them to PNG or JPEG)" if unread else ""
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in FILE_IMAGE_EXTS and p.is_file())
 
@@ -259,7 +323,10 @@ def _table_file(path: Path) -> Path | None:
 
 
 def _rows(table: Path) -> list[dict]:
-    text = table.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
+    try:
+        text = table.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
+    except UnicodeDecodeError as e:
+        raise FlameError(f"{table} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if table.suffix.lower() == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), 1):

@@ -2,10 +2,17 @@
 model's evaluation transform, encoded in batches, cached on disk.
 
 An image that cannot be read or decoded is skipped and counted (`ok` is False for it), never
-fatal. The cache (`$FLAME_CACHE/images/KEY.pt`) is keyed by the model's weight fingerprint, the
-dataset (resolved path, the images it lists, every file's size and mtime), the split, what is
-computed (`embed` = L2-normalised image embeddings, `features` = pooled tower features) and the
+fatal here (the task decides how many it accepts: flame.evaluate.tasks.MAX_UNREADABLE). Files are
+read by flame.data.images.read_image_file (regular files only, size-capped), tar members only
+under the same cap (`member_problem`).
+
+The cache (`$FLAME_CACHE/images/KEY.pt`) is keyed by the model's weight fingerprint, the dataset
+(resolved path, the images it lists, every file's size and mtime), the split, what is computed
+(`embed` = L2-normalised image embeddings, `features` = pooled tower features) and the
 preprocessing (size, mean, std): a changed model, dataset or transform never reads stale vectors.
+Names that are not UTF-8 (bytes from an old camera or a Windows zip) are keyed by their bytes.
+Entries are written with flame.fileio.write_atomic (a temporary unique to the writer): two jobs
+filling one entry at once both succeed, and a reader sees a whole entry or none.
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from flame.data.images import decode_or_blank
+from flame.data.images import MAX_IMAGE_BYTES, decode_or_blank
 from flame.errors import FlameError, first_line
-from flame.evaluate.datasets import IMAGE_EXTS, EvalDataset, Item
-from flame.fileio import write_atomic
+from flame.evaluate.datasets import IMAGE_EXTS, TAR_ERRORS, EvalDataset, Item, member_problem
+from flame.fileio import remove_stale_temporaries, write_atomic
 from flame.weights import load_torch
 
 log = logging.getLogger("flame.evaluate")
@@ -78,9 +85,13 @@ class TarImages(torch.utils.data.IterableDataset):
                         if not m.isfile() or ext.lower() not in IMAGE_EXTS or i is None or i in done:
                             continue
                         done.add(i)
-                        image, ok = _decode(tf.extractfile(m).read(), self.transform, self.size)
+                        if member_problem(m, MAX_IMAGE_BYTES):  # never read into memory
+                            yield i, torch.zeros(3, self.size, self.size), False
+                            continue
+                        data = tf.extractfile(m).read(MAX_IMAGE_BYTES)
+                        image, ok = _decode(data, self.transform, self.size)
                         yield i, image, ok
-            except (tarfile.TarError, OSError) as e:
+            except TAR_ERRORS as e:
                 log.warning("cannot read %s: %s (its remaining images are counted as unreadable)", shard, e)
 
 
@@ -100,7 +111,8 @@ class SplitVectors:
 
 def cache_key(model, ds: EvalDataset, split: str, kind: str) -> str:
     items = ds.items(split)
-    refs = hashlib.sha256("\n".join(f"{it.file or it.shard}#{it.key or ''}" for it in items).encode()).hexdigest()
+    refs = "\n".join(f"{it.file or it.shard}#{it.key or ''}" for it in items)
+    refs = hashlib.sha256(refs.encode("utf-8", "surrogateescape")).hexdigest()  # names as their bytes
     desc = {
         "model": model.fingerprint,
         "dataset": str(Path(ds.path).resolve()),
@@ -182,5 +194,6 @@ def split_vectors(
         buf = io.BytesIO()
         torch.save({"vectors": vectors, "ok": ok}, buf)
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, path.name)  # left by killed writers of this entry
         write_atomic(path, buf.getvalue())
     return SplitVectors(vectors, ok)

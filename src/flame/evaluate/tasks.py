@@ -8,6 +8,11 @@ spells it (`zeroshot_classification`, `zeroshot_retrieval`, `linear_probe`) plus
 Texts go through `text.encode(texts, prompts)` (default: the model's `TextEncoder`, which caches
 every vector on disk); images through `images.split_vectors` (cached per model and dataset).
 
+Unreadable images: an evaluation with no readable image, or with more than `max_unreadable`
+(MAX_UNREADABLE = 10% by default; `flame eval --max-unreadable`) of a split unreadable, is refused
+in one line: metrics on the rest would not be comparable with anyone else's. Below it they are
+skipped, counted (`skipped_images`) and warned about.
+
 Prompt sets (FLAME.md section 6), when not chosen: class prompts -> "raw"; captions -> "long" when
 they are long (mean length >= LONG_WORDS words), in English, and the model was trained with a
 "long" set; otherwise "raw".
@@ -26,7 +31,7 @@ import torch
 from flame.config import load_yaml
 from flame.errors import FlameError
 from flame.evaluate import metrics as M
-from flame.evaluate.datasets import EvalDataset, load_dataset
+from flame.evaluate.datasets import EvalDataset, check_not_empty, load_dataset
 from flame.evaluate.images import SplitVectors, split_vectors
 from flame.evaluate.task_names import TASKS as TASKS  # re-exported: the names live in task_names
 from flame.evaluate.task_names import canonical_task
@@ -35,6 +40,7 @@ log = logging.getLogger("flame.evaluate")
 
 LONG_WORDS = 8  # mean caption length (words) from which a caption set counts as long text
 CARVE_TEST = 0.5  # share of a single-split dataset kept for testing a linear probe
+MAX_UNREADABLE = 0.1  # share of a split's images that may be unreadable before an evaluation is refused
 
 
 def default_task(ds: EvalDataset) -> str:
@@ -86,17 +92,21 @@ def evaluate(
     cache_dir: str | Path | None | bool = None,
     progress: bool = True,
     text=None,
+    max_unreadable: float = MAX_UNREADABLE,
 ) -> dict:
     """Run one task on one dataset. `text`: anything with encode(texts, prompts) (default the
-    model's TextEncoder); `cache_dir=False` turns the image-vector cache off."""
+    model's TextEncoder); `cache_dir=False` turns the image-vector cache off; `max_unreadable`:
+    the share of a split's images that may be unreadable (module docstring)."""
     task = canonical_task(task) if task else default_task(ds)
     if task == "zeroshot_retrieval" and ds.kind != "retrieval":
         raise FlameError(f"{ds.path} is a classification set; use zeroshot-classification or linear-probe")
     if task != "zeroshot_retrieval" and ds.kind != "classification":
         raise FlameError(f"{ds.path} is a caption set; use retrieval")
+    check_not_empty(ds)
     text = text if text is not None else model.text_encoder
     prompts = prompts or default_prompts(task, ds, getattr(model, "text", {}) or {})
-    img = dict(batch_size=batch_size, workers=workers, cache_dir=cache_dir, progress=progress)
+    img = dict(batch_size=batch_size, workers=workers, cache_dir=cache_dir, progress=progress,
+               max_unreadable=max_unreadable)
     result = {"dataset": ds.name, "model": _model_name(model), "task": task, "language": ds.language or "en"}
     if task == "zeroshot_classification":
         labels = [it.label for it in ds.items("test")]
@@ -104,7 +114,7 @@ def evaluate(
             raise FlameError(f"{ds.name}: label {max(labels)} but only {len(ds.classnames)} class names")
         # texts first: class-name, template and LLM errors come before any image is decoded
         emb = text.encode(class_prompts(ds), prompts=prompts, progress=progress)
-        vec = split_vectors(model, ds, "test", "embed", **img)
+        vec = _readable(model, ds, "test", "embed", img)
         classes = M.class_vectors(emb.view(len(ds.classnames), len(ds.templates), -1))
         labels = torch.tensor(labels)
         metrics = M.classification_metrics(M.zeroshot_logits(vec.vectors[vec.ok], classes), labels[vec.ok])
@@ -112,7 +122,7 @@ def evaluate(
     elif task == "zeroshot_retrieval":
         items = ds.items("test")
         emb = text.encode([c for it in items for c in it.captions], prompts=prompts, progress=progress)
-        vec = split_vectors(model, ds, "test", "embed", **img)
+        vec = _readable(model, ds, "test", "embed", img)
         # an unreadable image leaves the evaluation with its captions
         rows = torch.tensor([bool(vec.ok[i]) for i, it in enumerate(items) for _ in it.captions], dtype=torch.bool)
         keep = [i for i in range(len(items)) if vec.ok[i]]
@@ -129,11 +139,30 @@ def evaluate(
     return result
 
 
+def _readable(model, ds: EvalDataset, split: str, kind: str, img: dict) -> SplitVectors:
+    """split_vectors, refused in one line when none, or more than img["max_unreadable"], of the
+    split's images could be read."""
+    img = dict(img)
+    limit = img.pop("max_unreadable")
+    vec = split_vectors(model, ds, split, kind, **img)
+    n, bad = int(vec.ok.numel()), vec.skipped
+    if n == 0:
+        raise FlameError(f"{ds.name}: the {split} split has no images; nothing to evaluate")
+    if bad == n:
+        raise FlameError(f"{ds.name}: none of the {n} {split} images could be read (only regular JPEG/PNG/WEBP/"
+                         "BMP files are decoded); nothing to evaluate")
+    if bad > limit * n:
+        need = math.ceil(100 * bad / n) / 100
+        raise FlameError(f"{ds.name}: {bad} of the {n} {split} images ({bad / n:.0%}) could not be read, more than "
+                         f"the {limit:.0%} allowed; fix the set or pass --max-unreadable {need:.2f}")
+    return vec
+
+
 def _linear_probe(model, ds: EvalDataset, img: dict):
-    test = split_vectors(model, ds, "test", "features", **img)
+    test = _readable(model, ds, "test", "features", img)
     y_test = torch.tensor([it.label for it in ds.items("test")])
     if "train" in ds.splits:
-        train = split_vectors(model, ds, "train", "features", **img)
+        train = _readable(model, ds, "train", "features", img)
         y_train = torch.tensor([it.label for it in ds.items("train")])
         xtr, ytr = train.vectors[train.ok], y_train[train.ok]
         xte, yte = test.vectors[test.ok], y_test[test.ok]

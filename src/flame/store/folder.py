@@ -304,13 +304,15 @@ class EmbeddingStore:
             shutil.rmtree(path / ATTEMPTS, ignore_errors=True)
             fileio.remove_durable(mf)
         elif path.is_dir():
-            ours = {".lock", ".lock-owner", "shards", ATTEMPTS, "manifest.json" + TMP_SUFFIX}
-            stray = [p.name for p in path.iterdir() if p.name not in ours]
+            ours = {".lock", ".lock-owner", "shards", ATTEMPTS}
+            stray = [p.name for p in path.iterdir()
+                     if p.name not in ours and not fileio.is_temporary_of(p.name, "manifest.json")]
             if stray:
                 raise FlameError(
                     f"{path} exists and is not an embedding store (holds {stray[0]!r}); choose another --out"
                 )
         (path / "shards").mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_temporaries(path, "manifest.json")  # a killed create's
         with disk_errors(str(mf)):
             write_atomic(mf, manifest_bytes(manifest))
         return cls(path)

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 
 from flame.errors import FlameError, first_line
-from flame.fileio import fsync_dir, replace
+from flame.fileio import fsync_dir, remove_stale_temporaries, replace
 from flame.lock import FileLock
 from flame.runfolder import (
     LATEST,
@@ -144,8 +144,11 @@ def delete_checkpoint(ckpt: Path) -> None:
 
 
 def clean_temporaries(run: Path) -> None:
+    """Remove what killed jobs left: temporary checkpoint folders, and the write_atomic
+    temporaries of `latest` / the ledger whose writer is gone."""
     for p in run.glob(".checkpoint-*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
+    remove_stale_temporaries(run)
 
 
 def start_over(run: Path) -> None:
