@@ -56,6 +56,7 @@ class Trainer:
 
         cfg, plan = self.cfg, self.plan
         self.model = build_model(cfg, plan, self.device)
+        self.load_resumed_weights()  # before DDP, whose first broadcast then gives every rank rank 0's weights
         self.ddp = dist.wrap_ddp(self.model, self.device)
         self.trained: torch.nn.Module = self.model
         self.optimizers = [adamw(param_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)]
@@ -200,15 +201,19 @@ class Trainer:
             print(f"done: {self.plan.steps} steps; model in {self.run / checkpoint_name(self.plan.steps)}")
 
     # -- before the first step ----------------------------------------------------------------
+    def load_resumed_weights(self) -> None:
+        if self.plan.resume_state is not None:
+            from safetensors.torch import load_file
+
+            weights = self.plan.resume_from / "model.safetensors"
+            self.model.load_state_dict(load_file(str(weights), device=str(self.device)))
+
     def resume(self) -> None:
-        """Weights, optimizer, schedule and run state from the planned checkpoint (if any)."""
+        """Optimizer, schedule and run state from the planned checkpoint (if any; the weights are
+        loaded in `build`)."""
         saved = self.plan.resume_state
         if saved is None:
             return
-        from safetensors.torch import load_file
-
-        weights = self.plan.resume_from / "model.safetensors"
-        self.model.load_state_dict(load_file(str(weights), device=str(self.device)))
         self.optimizers[0].load_state_dict(saved["optimizer"])
         self.schedulers[0].load_state_dict(saved["scheduler"])
         self.state.resume(saved, self.cfg.workers)
