@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Extend(argparse.Action):
-    """A list flag given twice adds to the list (`--data a --data b`), as one given once with both."""
+    """A `repeat` list flag given twice adds to the list (`--data a --data b`), as one given once with both."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         current = getattr(namespace, self.dest, S)
@@ -86,7 +86,9 @@ def add_field(parser, f: dataclasses.Field, hint) -> None:
             parser.add_argument(*names, action="store_true", **kw)
         return
     if origin is list:
-        kw.update(nargs="+", action=_Extend)
+        kw["nargs"] = "+"
+        if meta.get("repeat"):
+            kw["action"] = _Extend
     elif origin is tuple:
         kw["nargs"] = len(base.__args__)
     elif meta.get("optional_value") is not settings.MISSING:

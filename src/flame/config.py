@@ -34,7 +34,8 @@ def setting(default: Any = MISSING, *, help: str = "", check: Check | None = Non
             aliases: tuple[str, ...] = (), metavar: str | tuple[str, ...] | None = None,
             choices: tuple[str, ...] | None = None, shown: str | None = None, group: str = "settings",
             positional: bool = False, negate: str | None = None, optional_value: Any = MISSING,
-            required: bool = False, cli: bool = True, factory: Callable[[], Any] | None = None) -> Any:
+            required: bool = False, cli: bool = True, factory: Callable[[], Any] | None = None,
+            repeat: bool = False) -> Any:
     """A dataclass field with what the command line, the YAML loader and the checks need.
 
     check: (predicate, "must be ...") applied to a non-None value after conversion.
@@ -43,10 +44,11 @@ def setting(default: Any = MISSING, *, help: str = "", check: Check | None = Non
     negate: for a bool defaulting to True, the flag that turns it off (`--no-progress`).
     optional_value: the flag may be given without a value, meaning this (`--resume`).
     required: must be set by a flag or the YAML file. cli=False: YAML and API only.
+    repeat: a list flag given twice adds to the list (`--data a --data b`); otherwise the last wins.
     """
     meta = dict(help=help, check=check, flag=flag, aliases=aliases, metavar=metavar, choices=choices, shown=shown,
                 group=group, positional=positional, negate=negate, optional_value=optional_value,
-                required=required, cli=cli)
+                required=required, cli=cli, repeat=repeat)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     if isinstance(default, list | dict | set):

@@ -65,7 +65,7 @@ def _report_to(v: str) -> bool:
 @dataclass
 class TrainConfig:
     # data
-    data: list[str] = setting([], required=True, metavar="SHARDS", group="data", check=(
+    data: list[str] = setting([], required=True, repeat=True, metavar="SHARDS", group="data", check=(
                                   _sources, "must each be SHARDS or SHARDS::WEIGHT with WEIGHT a positive number"),
                               help="image shards: brace pattern, glob, folder or files (keys must match the store); "
                                    "repeat it for several sources, SHARDS::WEIGHT for a weighted mix")
