@@ -117,7 +117,10 @@ def evaluate(
         rows = torch.tensor([bool(vec.ok[i]) for i, it in enumerate(items) for _ in it.captions], dtype=torch.bool)
         keep = [i for i in range(len(items)) if vec.ok[i]]
         owner = [j for j, i in enumerate(keep) for _ in items[i].captions]
-        metrics = M.retrieval_metrics(vec.vectors[keep], emb[rows], owner)
+        # no copy of the caption vectors: normalised in place (they are ours), rows picked by index
+        metrics = M.retrieval_metrics(vec.vectors[keep] if len(keep) < len(items) else vec.vectors, emb, owner,
+                                      device=getattr(model, "device", None), overwrite=True,
+                                      text_rows=None if bool(rows.all()) else torch.nonzero(rows).flatten())
         result.update(prompts=prompts, captions=len(owner))
     else:
         metrics, vec, split = _linear_probe(model, ds, img)
