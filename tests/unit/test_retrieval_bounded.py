@@ -124,12 +124,12 @@ def measure(n_text: int, n_img: int, dim: int) -> dict:
 @pytest.mark.slow
 def test_100k_captions_at_576_stay_within_a_fixed_working_memory_bound():
     """Inputs: 100k caption vectors x 576 (220 MiB) and 1,000 images. What retrieval adds on top
-    of them (peak RSS - RSS with the inputs) stays under 160 MiB: the 64 MiB score block and
-    small per-query arrays. 8a825a2 added a normalised copy of the captions (220 MiB) and a
-    1,024 x 100k score block (390 MiB) and its top-k buffers."""
+    of them (peak RSS - RSS with the inputs) stays under 128 MiB: the 64 MiB score block, a 16 MiB
+    normalisation slice and small per-query arrays (measured: 92 MiB). 8a825a2 added a normalised
+    copy of the captions (220 MiB), a 1,024 x 100k score block (390 MiB) and its top-k buffers."""
     r = measure(100_000, 1_000, 576)
     added = (r["peak"] - r["base"]) / 2**20
-    assert added < 160, f"retrieval added {added:.0f} MiB"
+    assert added < 128, f"retrieval added {added:.0f} MiB"
     assert 0.0 < r["metrics"]["image_retrieval_recall@10"] <= 1.0
 
 
