@@ -124,6 +124,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+WAIT_FOR_MAIN = datetime.timedelta(days=7)
+_waits = 0  # wait_for_main calls so far (the same on every rank)
+
+
+def wait_for_main(timeout: datetime.timedelta = WAIT_FOR_MAIN) -> None:
+    """Every rank meets here; the others wait for rank 0 (busy alone, e.g. evaluating during
+    training) up to `timeout`, not the process group's timeout (30 minutes), which a long
+    evaluation would run past in the next collective. The wait is on the rendezvous store (rank 0
+    sets one key per meeting when it arrives), which takes its own timeout and costs no GPU;
+    collectives resume once everyone is here."""
+    global _waits
+    if not is_initialized() or dist.get_world_size() < 2:
+        return
+    _waits += 1
+    store = dist.distributed_c10d._get_default_store()
+    key = f"flame/wait_for_main/{_waits}"
+    if dist.get_rank() == 0:
+        store.set(key, "1")
+    else:
+        store.wait([key], timeout)
+
+
 def leave_together() -> None:
     """A barrier before the process group goes: a gloo rank that exits with its last send still in
     flight can abort ('terminate called without an active exception'), and torchrun would then stop

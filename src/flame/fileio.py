@@ -24,8 +24,9 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from flame.faults import durable_step
 
@@ -141,9 +142,10 @@ def remove_stale_temporaries(folder: str | Path, final: str | None = None) -> in
     return n
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write `data` (str as UTF-8) to `path` durably and atomically, through a temporary unique
-    to this write (module docstring); on any error the temporary is removed and `path` is as it was."""
+def write_atomic(path: str | Path, data: str | bytes | Callable[[BinaryIO], object]) -> None:
+    """Write `data` (str as UTF-8; or a function that writes into the open file, e.g. torch.save,
+    so nothing is copied in memory) to `path` durably and atomically, through a temporary unique to
+    this write (module docstring); on any error the temporary is removed and `path` is as it was."""
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
@@ -152,7 +154,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         durable_step()

@@ -79,11 +79,32 @@ class Config:
                                     check=(lambda v: 0 <= v <= 1, "must be between 0 and 1"),
                                     help="share of a split's images that may be unreadable (skipped and counted); "
                                          "more is refused")
+    # --- linear probe (issue 16.4): CLIP_benchmark's protocol by default, the L-BFGS fit on request
+    probe: str = setting("clip-benchmark", choices=("clip-benchmark", "lbfgs"), group="linear probe",
+                         help="clip-benchmark: a linear layer trained with AdamW and a cosine lr (CLIP_benchmark's "
+                              "protocol); lbfgs: L-BFGS logistic regression with a weight-decay search on a "
+                              "stratified 20%% of train")
+    probe_lr: float = setting(0.1, check=(lambda v: v > 0, "must be > 0"), group="linear probe",
+                              help="clip-benchmark: the AdamW learning rate (CLIP_benchmark's --fewshot_lr)")
+    probe_epochs: int = setting(20, check=at_least(1), group="linear probe",
+                                help="clip-benchmark: epochs (--fewshot_epochs)")
+    probe_batch_size: int = setting(512, check=at_least(1), group="linear probe",
+                                    help="clip-benchmark: features per batch (--batch_size)")
+    probe_val_split: str | None = setting(None, metavar="SPLIT", group="linear probe", shown="none",
+                                          help="clip-benchmark: search the weight decay on this split of the "
+                                               "dataset (--val_split); without it wd is 0, as the release ran")
+    probe_val_proportion: float | None = setting(
+        None, metavar="P", group="linear probe", shown="none",
+        check=(lambda v: v is None or 0 < v < 1, "must be between 0 and 1"),
+        help="clip-benchmark: search the weight decay on a random share P of train (--val_proportion)")
+    probe_seed: int = setting(0, group="linear probe", help="the probe's seed (CLIP_benchmark's --seed)")
 
     def check(self) -> None:
         """The rules between settings, all before a dataset, model or LLM is read."""
         if self.task:
             canonical_task(self.task)
+        if self.probe_val_split and self.probe_val_proportion:
+            raise FlameError("give --probe-val-split or --probe-val-proportion, not both")
         if self.suite and self.dataset:
             raise FlameError("give --dataset or --suite, not both")
         if not self.suite and not self.dataset:
@@ -111,7 +132,28 @@ def _entries(cfg: Config) -> list:
     return entries
 
 
+def check_output(output: str | None) -> None:
+    """An `--output` that cannot be written is found before any work (not after hours of it):
+    its folder is made and a file is created there and removed."""
+    import os
+    import tempfile
+
+    if not output:
+        return
+    out = Path(output)
+    if out.is_dir():
+        raise FlameError(f"--output {out} is a folder; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise FlameError(f"cannot write --output {out}: {e.strerror or e}") from None
+
+
 def main(cfg: Config) -> int:
+    check_output(cfg.output)
     entries = _entries(cfg)
     if cfg.prepare:
         return prepare(cfg, entries)
@@ -141,11 +183,17 @@ def run_entries(cfg: Config, entries: list) -> list[dict]:
     results = []
     for e, ds in zip(entries, datasets):
         result = evaluate(model, ds, e.task, e.prompts, batch_size=cfg.batch_size, workers=cfg.workers,
-                          progress=cfg.progress, max_unreadable=cfg.max_unreadable)
+                          progress=cfg.progress, max_unreadable=cfg.max_unreadable, probe=probe_options(cfg))
         result["name"] = e.label(ds)
         results.append(result)
     model.text_encoder.unload()
     return results
+
+
+def probe_options(cfg: Config) -> dict:
+    """The linear probe's settings, as `tasks.evaluate(probe=...)` takes them."""
+    return {"method": cfg.probe, "lr": cfg.probe_lr, "epochs": cfg.probe_epochs, "batch_size": cfg.probe_batch_size,
+            "val_split": cfg.probe_val_split, "val_proportion": cfg.probe_val_proportion, "seed": cfg.probe_seed}
 
 
 def checked(entry):

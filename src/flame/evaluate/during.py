@@ -6,6 +6,12 @@ from the store manifest's text side (loading the LLM only for texts not cached y
 the LLM. Every N steps (and at the last) it evaluates the model being trained, in eval mode and
 back, reading text vectors from the cache only (`CachedText` refuses to load an LLM), and logs
 every metric as `eval/<name>/<metric>`.
+
+A failed evaluation (its set deleted or unreadable, a DataLoader worker killed for memory) never
+ends the run: the training loop has written that step's checkpoint first, the failure is one
+line (`eval step N failed, training continues: ...`) and an `eval/failed` record, and training
+goes on. The other ranks wait for rank 0's evaluation in `distributed.wait_for_main`, whose wait
+has no 30-minute collective timeout (an evaluation may take hours).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from flame.errors import FlameError
+from flame.errors import FlameError, first_line
 
 log = logging.getLogger("flame.evaluate")
 
@@ -35,6 +41,12 @@ def prepare_texts(entries: Sequence, encoder, text: dict, progress: bool = True,
             encoder.encode(texts, prompts=prompts, progress=progress)
         out[e.label(ds)] = (len(texts), new, prompts)
     return out
+
+
+def eval_due(step: int, every: int, steps: int) -> bool:
+    """Whether `flame train --eval` evaluates after `step` (every `every` steps and the last):
+    known on every rank, so the others can wait for rank 0's evaluation."""
+    return step % every == 0 or step == steps
 
 
 class CachedText:
@@ -89,7 +101,7 @@ class TrainEvaluator:
         return evaluator
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0 or step == self.steps
+        return eval_due(step, self.every, self.steps)
 
     def evaluate(self, model) -> dict[str, float]:
         from flame.evaluate.tasks import evaluate
@@ -115,6 +127,13 @@ class TrainEvaluator:
         if not self.due(step):
             return
         t0 = time.perf_counter()
-        record = self.evaluate(model)
+        try:
+            record = self.evaluate(model)
+        except Exception as e:  # an eval set gone or unreadable, a worker killed for memory, ...
+            # evaluation is a measurement, not the run: one line, a record of it, and training goes on
+            line = " ".join(first_line(e).split()) or type(e).__name__
+            say(f"eval step {step} failed, training continues: {line}")
+            write({"step": step, "eval/failed": 1, "eval/seconds": time.perf_counter() - t0})
+            return
         write({"step": step, **record, "eval/seconds": time.perf_counter() - t0})
         say(f"eval step {step}: " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in record.items()))

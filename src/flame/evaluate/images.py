@@ -17,18 +17,19 @@ filling one entry at once both succeed, and a reader sees a whole entry or none.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import io
 import json
 import logging
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flame.data.images import MAX_IMAGE_BYTES, decode_or_blank
+from flame.data.images import MAX_IMAGE_BYTES, as_rgb, open_image, read_image_file
 from flame.errors import FlameError, first_line
 from flame.evaluate.datasets import IMAGE_EXTS, TAR_ERRORS, EvalDataset, Item, member_problem
 from flame.fileio import remove_stale_temporaries, write_atomic
@@ -45,8 +46,29 @@ def default_cache_dir() -> Path:
     return cache_dir() / "images"
 
 
-def _decode(data: bytes | str, transform: Callable, size: int) -> tuple[torch.Tensor, bool]:
-    return decode_or_blank(data, transform, size)
+# errors that say nothing about the image: too many open files, out of memory, try again
+TEMPORARY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR}
+BAD, OK, TEMP = 0, 1, 2  # what a decode gives: unreadable (cached as such), read, or a passing failure
+
+
+def temporary(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in TEMPORARY)
+
+
+def _decode(data: bytes | str, transform: Callable, size: int) -> tuple[torch.Tensor, int]:
+    """(image, OK) or (blank, BAD) for an image that cannot be read or decoded, or (blank, TEMP)
+    when it failed for a passing reason (EMFILE, ENOMEM, MemoryError): that one is skipped in
+    this run but never cached as unreadable."""
+    try:
+        if not isinstance(data, bytes):
+            data = read_image_file(data)  # regular files only, size-capped
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_image(data) as img:
+                img.load()
+                return transform(as_rgb(img)), OK
+    except Exception as e:  # unreadable, undecodable, truncated, too large, or a transform that fails on it
+        return torch.zeros(3, size, size), TEMP if temporary(e) else BAD
 
 
 class FileImages(torch.utils.data.Dataset):
@@ -91,8 +113,10 @@ class TarImages(torch.utils.data.IterableDataset):
                         data = tf.extractfile(m).read(MAX_IMAGE_BYTES)
                         image, ok = _decode(data, self.transform, self.size)
                         yield i, image, ok
-            except TAR_ERRORS as e:
+            except (*TAR_ERRORS, MemoryError) as e:
                 log.warning("cannot read %s: %s (its remaining images are counted as unreadable)", shard, e)
+                if temporary(e):  # a passing failure: the split is then not cached
+                    yield -1, torch.zeros(3, self.size, self.size), TEMP
 
 
 def _worker_init(_):
@@ -131,7 +155,7 @@ def _read_cache(path: Path, n: int) -> SplitVectors | None:
     if not path.is_file():
         return None
     try:
-        saved = load_torch(path, "image cache")
+        saved = load_torch(path, "image cache", mmap=True)  # mapped: read as the probe streams it
         vectors, ok = saved["vectors"], saved["ok"]
         if not (isinstance(vectors, torch.Tensor) and isinstance(ok, torch.Tensor) and len(vectors) == len(ok) == n):
             raise FlameError(f"image cache {path} does not hold {n} vectors")
@@ -177,12 +201,18 @@ def split_vectors(
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), unit="img", desc=f"{ds.name} {split} images", dynamic_ncols=True, disable=None)
-    for idx, images, good in loader:
+    passing = 0
+    for idx, images, status in loader:
+        passing += int((status == TEMP).sum())
+        keep = idx >= 0  # -1: a tar shard that failed for a passing reason
+        idx, images, status = idx[keep], images[keep], status[keep]
+        if not len(idx):
+            continue
         out = encode(images.to(model.device)).float().cpu()
         if vectors is None:
             vectors = torch.zeros(len(items), out.shape[1])
         vectors[idx] = out
-        ok[idx] = good
+        ok[idx] = status == OK
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
@@ -190,10 +220,23 @@ def split_vectors(
     if vectors is None:
         vectors = torch.zeros(len(items), 0)
     vectors[~ok] = 0
-    if path is not None:
-        buf = io.BytesIO()
-        torch.save({"vectors": vectors, "ok": ok}, buf)
+    if path is not None and passing:
+        log.warning("%s %s: %d image(s) failed for a passing reason (too many open files or out of memory); "
+                    "they are skipped in this run and the vectors are not cached", ds.name, split, passing)
+    elif path is not None:
+        write_cache(path, vectors, ok)
+    return SplitVectors(vectors, ok)
+
+
+def write_cache(path: Path, vectors: torch.Tensor, ok: torch.Tensor) -> bool:
+    """Save an entry through flame.fileio.write_atomic (torch.save straight into the writer's own
+    temporary: no copy in memory). The cache is an optimisation: a full or read-only cache folder
+    is one warning, and the vectors are used all the same."""
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path.parent, path.name)  # left by killed writers of this entry
-        write_atomic(path, buf.getvalue())
-    return SplitVectors(vectors, ok)
+        write_atomic(path, lambda f: torch.save({"vectors": vectors, "ok": ok}, f))
+        return True
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        log.warning("image vectors not cached (%s): the evaluation goes on without the cache", first_line(e))
+        return False

@@ -7,9 +7,10 @@
   argmax prediction (sklearn's `balanced_accuracy_score`, which CLIP_benchmark calls).
 - Retrieval (`retrieval_metrics`): scores = text . image; `image_retrieval_recall@k` = fraction of
   captions whose image is among the k best-scoring images; `text_retrieval_recall@k` = fraction
-  of images with at least one of their captions among the k best-scoring captions. Top-k again
-  via `torch.topk` (ties as there). Where k exceeds the number of candidates, CLIP_benchmark
-  would fail; we take all candidates (recall 1).
+  of images with at least one of their captions among the k best-scoring captions. Computed in
+  bounded memory, queries in chunks, each row whole (`flame.evaluate.ranking`), so ties fall
+  exactly as in the unchunked computation. Where k
+  exceeds the number of candidates, CLIP_benchmark would fail; we take all candidates (recall 1).
 - Linear probe (`linear_probe`): L2-normalised features (CLIP_benchmark's default), a
   logistic-regression classifier with an L2 penalty trained full-batch with L-BFGS; the penalty
   is searched on CLIP_benchmark's grid (97 log-spaced values in [1e-6, 1e2], 7 coarse points
@@ -72,41 +73,50 @@ def class_vectors(template_emb: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # retrieval
 # ----------------------------------------------------------------------------------------------
-def _recall_hits(queries: torch.Tensor, keys: torch.Tensor, positive, k: int, chunk: int) -> torch.Tensor:
-    """For each query row: is a positive key among its top-k keys? `positive(rows, idx)` says
-    whether key idx[r, j] is a positive of query rows[r]."""
-    k = min(k, keys.shape[0])
-    hits = []
-    for start in range(0, queries.shape[0], chunk):
-        scores = queries[start : start + chunk] @ keys.T
-        idx = scores.topk(k, dim=1, largest=True, sorted=True).indices
-        rows = torch.arange(start, start + len(idx)).view(-1, 1)
-        hits.append(positive(rows, idx).any(dim=1))
-    return torch.cat(hits)
-
-
 def retrieval_metrics(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
+    image_emb,
+    text_emb,
     text_image: Sequence[int] | torch.Tensor,
     ks: Sequence[int] = RECALL_KS,
-    chunk: int = 1024,
+    chunk: int | None = None,
+    device=None,
+    text_rows: torch.Tensor | None = None,
+    budget: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float]:
-    """image_emb [I, D], text_emb [T, D] (normalised here), text_image[t] = index of caption t's image."""
-    images = F.normalize(image_emb.float().cpu(), dim=-1)
-    texts = F.normalize(text_emb.float().cpu(), dim=-1)
-    owner = torch.as_tensor(text_image, dtype=torch.long).cpu()
-    if len(owner) != len(texts):
-        raise ValueError(f"{len(texts)} captions but {len(owner)} caption->image indices")
+    """image_emb [I, D], text_emb [T, D] (tensors or numpy arrays, normalised here),
+    text_image[t] = index of caption t's image (of the t-th of `text_rows` when given). Queries in
+    chunks (`chunk` rows, default: as many as fit `budget` bytes of scores), on `device` (default
+    CUDA when available): `flame.evaluate.ranking`. `overwrite=True` lets it normalise float32
+    inputs in place instead of copying them (the caller's vectors then come back normalised)."""
+    from flame.evaluate.ranking import normalised_keys, recall_hits
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    owner = torch.as_tensor(text_image, dtype=torch.long)
+    n_text = len(text_emb) if text_rows is None else len(text_rows)
+    if len(owner) != n_text:
+        raise ValueError(f"{n_text} captions but {len(owner)} caption->image indices")
+    owner = owner.to(device)
+    # text -> image: caption t's positive is image owner[t]
+    keys = normalised_keys(image_emb, None, device, overwrite)
+    images_done = keys is image_emb  # normalised in place: not again (same floats as one normalisation)
+    img_hits = recall_hits(text_emb, text_rows, keys, lambda r, idx: idx == owner[r], ks, device,
+                           _budget(chunk, len(keys), budget))
+    # image -> text: image i's positives are the captions t with owner[t] == i
+    keys = normalised_keys(text_emb, text_rows, device, overwrite)
+    txt_hits = recall_hits(image_emb, None, keys, lambda r, idx: owner[idx] == r, ks, device,
+                           _budget(chunk, len(keys), budget), normalised=images_done)
+    del keys
     out: dict[str, float] = {}
     for k in ks:
-        # text -> image: caption t's positive is image owner[t]
-        img_hits = _recall_hits(texts, images, lambda r, idx: idx == owner[r], k, chunk)
-        # image -> text: image i's positives are the captions t with owner[t] == i
-        txt_hits = _recall_hits(images, texts, lambda r, idx: owner[idx] == r, k, chunk)
-        out[f"image_retrieval_recall@{k}"] = img_hits.float().mean().item()
-        out[f"text_retrieval_recall@{k}"] = txt_hits.float().mean().item()
+        out[f"image_retrieval_recall@{k}"] = img_hits[k].float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = txt_hits[k].float().mean().item()
     return out
+
+
+def _budget(chunk: int | None, n_keys: int, budget: int | None) -> int | None:
+    """A fixed number of query rows (`chunk`) as a score budget; else the budget given (or None)."""
+    return chunk * 4 * max(1, n_keys) if chunk else budget
 
 
 # ----------------------------------------------------------------------------------------------

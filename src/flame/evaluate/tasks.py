@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flame.config import load_yaml
@@ -93,10 +94,12 @@ def evaluate(
     progress: bool = True,
     text=None,
     max_unreadable: float = MAX_UNREADABLE,
+    probe: dict | None = None,
 ) -> dict:
     """Run one task on one dataset. `text`: anything with encode(texts, prompts) (default the
     model's TextEncoder); `cache_dir=False` turns the image-vector cache off; `max_unreadable`:
-    the share of a split's images that may be unreadable (module docstring)."""
+    the share of a split's images that may be unreadable (module docstring); `probe`: the linear
+    probe's settings (`PROBE`'s keys)."""
     task = canonical_task(task) if task else default_task(ds)
     if task == "zeroshot_retrieval" and ds.kind != "retrieval":
         raise FlameError(f"{ds.path} is a classification set; use zeroshot-classification or linear-probe")
@@ -127,10 +130,14 @@ def evaluate(
         rows = torch.tensor([bool(vec.ok[i]) for i, it in enumerate(items) for _ in it.captions], dtype=torch.bool)
         keep = [i for i in range(len(items)) if vec.ok[i]]
         owner = [j for j, i in enumerate(keep) for _ in items[i].captions]
-        metrics = M.retrieval_metrics(vec.vectors[keep], emb[rows], owner)
+        # no copy of the caption vectors: normalised in place (they are ours), rows picked by index
+        metrics = M.retrieval_metrics(vec.vectors[keep] if len(keep) < len(items) else vec.vectors, emb, owner,
+                                      device=getattr(model, "device", None), overwrite=True,
+                                      text_rows=None if bool(rows.all()) else torch.nonzero(rows).flatten())
         result.update(prompts=prompts, captions=len(owner))
     else:
-        metrics, vec, split = _linear_probe(model, ds, img)
+        metrics, vec, split = _linear_probe(model, ds, img, {**PROBE, **(probe or {})})
+        result.update(probe=metrics.pop("probe"))
         result.update(split=split)
     result["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     result.update(images=int(vec.ok.numel()), skipped_images=vec.skipped)
@@ -158,23 +165,53 @@ def _readable(model, ds: EvalDataset, split: str, kind: str, img: dict) -> Split
     return vec
 
 
-def _linear_probe(model, ds: EvalDataset, img: dict):
+PROBE = {"method": "clip-benchmark", "lr": 0.1, "epochs": 20, "batch_size": 512, "val_split": None,
+         "val_proportion": None, "seed": 0}
+
+
+def _ok_rows(vec: SplitVectors) -> np.ndarray:
+    return torch.nonzero(vec.ok).flatten().numpy()
+
+
+def _linear_probe(model, ds: EvalDataset, img: dict, probe: dict):
+    """The probe on the tower's pooled features; rows are picked by index (no copy of the
+    features) and, for clip-benchmark, streamed from the image cache's memory maps."""
+    from flame.evaluate.probe import Picked, clip_benchmark_probe
+
     test = _readable(model, ds, "test", "features", img)
-    y_test = torch.tensor([it.label for it in ds.items("test")])
+    y_test = np.array([it.label for it in ds.items("test")], dtype=np.int64)
     if "train" in ds.splits:
         train = _readable(model, ds, "train", "features", img)
-        y_train = torch.tensor([it.label for it in ds.items("train")])
-        xtr, ytr = train.vectors[train.ok], y_train[train.ok]
-        xte, yte = test.vectors[test.ok], y_test[test.ok]
+        y_train = np.array([it.label for it in ds.items("train")], dtype=np.int64)
+        tr, te = _ok_rows(train), _ok_rows(test)
+        xtr, ytr, xte, yte = Picked(train.vectors, tr), y_train[tr], Picked(test.vectors, te), y_test[te]
         split, vec = "train/test", _joined(train, test)
     else:  # one split: a seeded stratified half is the probe's training set
-        x, y = test.vectors[test.ok], y_test[test.ok]
-        tr, te = M.stratified_split(y, CARVE_TEST, seed=0)
-        xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+        ok = _ok_rows(test)
+        rest, carved = M.stratified_split(torch.from_numpy(y_test[ok]), CARVE_TEST, seed=0)
+        tr, te = ok[rest.numpy()], ok[carved.numpy()]
+        xtr, ytr, xte, yte = Picked(test.vectors, tr), y_test[tr], Picked(test.vectors, te), y_test[te]
         split, vec = f"carved {1 - CARVE_TEST:.0%}/{CARVE_TEST:.0%} from test", test
-    if len(yte) == 0 or len(torch.unique(ytr)) < 2:
+    if len(yte) == 0 or len(np.unique(ytr)) < 2:
         raise FlameError(f"{ds.name}: too few readable images for a linear probe")
-    return M.linear_probe(xtr, ytr, xte, yte), vec, split
+    if probe["method"] == "lbfgs":
+        metrics = M.linear_probe(torch.from_numpy(xtr[:]), torch.from_numpy(ytr), torch.from_numpy(xte[:]),
+                                 torch.from_numpy(yte))
+        return {**metrics, "probe": {"method": "lbfgs"}}, vec, split
+    val = {}
+    if probe["val_split"]:
+        v = _readable(model, ds, probe["val_split"], "features", img)
+        y_val = np.array([it.label for it in ds.items(probe["val_split"])], dtype=np.int64)
+        val = {"val_x": Picked(v.vectors, _ok_rows(v)), "val_y": y_val[_ok_rows(v)]}
+    metrics = clip_benchmark_probe(xtr, ytr, xte, yte, **val, lr=probe["lr"], epochs=probe["epochs"],
+                                   batch_size=probe["batch_size"], seed=probe["seed"],
+                                   val_proportion=probe["val_proportion"], device=getattr(model, "device", None))
+    # the metrics as CLIP_benchmark names them; the protocol it records beside them goes in "probe"
+    setup = {k: metrics.pop(k) for k in ("epochs", "seed", "fewshot_k", "normalized")}
+    setup.update(method="clip-benchmark", lr=probe["lr"], batch_size=probe["batch_size"],
+                 validation=probe["val_split"] or (f"{probe['val_proportion']:g} of train"
+                                                   if probe["val_proportion"] else None))
+    return {**metrics, "probe": setup}, vec, split
 
 
 def _joined(a: SplitVectors, b: SplitVectors) -> SplitVectors:

@@ -79,8 +79,8 @@ class Trainer:
             while self.state.step < self.plan.steps:
                 skipped = self.train_step(data)
                 self.log(skipped)
+                self.checkpoint()  # first: a failing evaluation can never cost this step's checkpoint
                 self.evaluate()
-                self.checkpoint()
         finally:
             self.console.close()
             self.logger.close()
@@ -174,8 +174,13 @@ class Trainer:
         )
 
     def evaluate(self) -> None:
+        """Rank 0 evaluates when due (a failure is one line, never the end of the run); the other
+        ranks wait for it without the collectives' timeout."""
         if self.evaluator is not None:
             self.evaluator.after_step(self.state.step, self.model, self.logger.write, self.console.say)
+        step = self.state.step
+        if self.cfg.eval and (step % self.cfg.eval_every == 0 or step == self.plan.steps):  # during.eval_due
+            dist.wait_for_main()
 
     def checkpoint(self) -> None:
         """Every `save_every` steps and the last: all ranks gather the state, rank 0 writes it; a
