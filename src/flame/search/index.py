@@ -103,20 +103,33 @@ def _not_an_index(index: Path, old: dict, rebuild: bool) -> FlameError:
                       "choose another --index")
 
 
+def _check_kind(index: Path, rebuild: bool) -> dict | None:
+    """The index's manifest (None if it has none); refused unless this command made it."""
+    mf = index / "manifest.json"
+    if not mf.is_file():
+        stray = sorted(p.name for p in index.iterdir() if p.name not in (".lock", ".lock-owner", "shards")) \
+            if index.is_dir() else []
+        if stray:
+            raise FlameError(f"{index} is not a flame search index (it holds {stray[0]!r}); nothing was changed, "
+                             "choose another --index")
+        return None
+    try:
+        old = json.loads(mf.read_text())
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    if old.get("kind") != KIND:
+        raise _not_an_index(index, old, rebuild)
+    return old
+
+
 def _open_index(index: Path, model, rebuild: bool):
     """The index's store, created if new. Only an index this command made (kind KIND) is ever
     replaced by --rebuild; any other store or folder is refused before anything is removed."""
     from flame.store import EmbeddingStore
 
-    mf = index / "manifest.json"
-    if mf.is_file():
-        try:
-            old = json.loads(mf.read_text())
-        except (OSError, ValueError):
-            old = {}
-        old = old if isinstance(old, dict) else {}
-        if old.get("kind") != KIND:
-            raise _not_an_index(index, old, rebuild)
+    old = _check_kind(index, rebuild)
+    if old is not None:
         fingerprint = (old.get("model") or {}).get("fingerprint")
         if fingerprint != model.fingerprint and not rebuild:
             raise FlameError(
@@ -145,6 +158,7 @@ def build_index(
     if not photos.is_dir():
         raise FlameError(f"{photos} is not a folder of photos")
     index = Path(index) if index is not None else photos / INDEX_NAME
+    _check_kind(index, rebuild)  # before the lock file is made in someone else's folder (checked again under it)
     index.mkdir(parents=True, exist_ok=True)
     # one indexer per index at a time (flame.lock: the kernel drops the lock if the process dies)
     with FileLock(index / ".lock", busy=f"index {index} is being updated by another flame search index",
