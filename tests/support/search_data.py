@@ -77,7 +77,7 @@ def fake_decoding(monkeypatch) -> None:
 
 
 def empty_photos(root: Path, n: int, width: int = 40) -> list[str]:
-    """n empty `*.jpg` files (those already there left alone) with names `width` characters long, in folders of 1,000."""
+    """n empty `*.jpg` files, names `width` characters long, in folders of 1,000 (existing ones left alone)."""
     rels = []
     for i in range(n):
         rel = f"d{i // 1000:04d}/" + f"{i:08d}".rjust(width - 4, "p") + ".jpg"
