@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-CHUNK = 1 << 20  # characters read at a time
+CHUNK = 1 << 18  # characters read at a time
 MAX_ITEM = 64 << 20  # characters one item may span (what a bad or hostile file can make us hold)
 _WS = " \t\n\r"
 _AFTER = _WS + ",]}:"  # what may follow a complete number
