@@ -284,6 +284,27 @@ def check_against(mapped: dict, config: ReleaseConfig, state: dict) -> None:
 
 
 # ---- conversion ---------------------------------------------------------------------------
+def _check_replaceable(out: Path) -> None:
+    """`--overwrite` replaces only a model folder: a folder holding nothing but the files
+    `FlameModel.save` writes, with a FLAME model config.json. Anything else (a file, a folder
+    of the user's, a store, a run) is refused before any work, and nothing is removed."""
+    from flame.model import CONFIG, FORMAT, WEIGHTS
+
+    refuse = f"--out {out} is not a FLAME model folder ({{}}); --overwrite only replaces a model folder, " \
+             "choose another --out"
+    if out.is_symlink() or not out.is_dir():
+        raise FlameError(refuse.format("it is not a folder"))
+    stray = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG, WEIGHTS))
+    if stray:
+        raise FlameError(refuse.format(f"it holds {stray[0]!r}"))
+    try:
+        fmt = json.loads((out / CONFIG).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != FORMAT:
+        raise FlameError(refuse.format(f"no {CONFIG} of format {FORMAT}"))
+
+
 def convert(checkpoint: str | Path, out: str | Path, config: str | ReleaseConfig = DEFAULT_CONFIG,
             overwrite: bool = False) -> dict:
     """Convert and write the FlameModel folder `out` atomically; returns a summary."""
@@ -294,8 +315,10 @@ def convert(checkpoint: str | Path, out: str | Path, config: str | ReleaseConfig
 
     cfg = config if isinstance(config, ReleaseConfig) else resolve_config(config)
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise FlameError(f"--out {out} already exists; use --overwrite to replace it")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not overwrite:
+            raise FlameError(f"--out {out} already exists; use --overwrite to replace it")
+        _check_replaceable(out)
     state = read_release_state(checkpoint)
     mapped, dropped = map_release_state(state)
     check_against(mapped, cfg, state)
@@ -359,7 +382,7 @@ class Config:
                                          f"must be a release config ({', '.join(RELEASE_CONFIGS)}) or a .json file"),
                                   help="release model config the checkpoint was trained with, or a release JSON file "
                                        "(also accepted as --config NAME|JSON)")
-    overwrite: bool = setting(False, help="replace an existing --out folder")
+    overwrite: bool = setting(False, help="replace an existing --out model folder (nothing else is ever removed)")
 
 
 def main(cfg: Config) -> int:

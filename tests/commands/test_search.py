@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -77,7 +76,9 @@ def _index(photos, model_dir, capsys, *extra):
 
 
 def _files(photos) -> dict:
-    return json.loads((photos / ".flame-index" / "files.json").read_text())["files"]
+    from flame.search import index_entries
+
+    return index_entries(photos / ".flame-index")
 
 
 def test_index_then_reindex_encodes_only_new_or_changed(photos, model_dir, counted, capsys):
@@ -130,7 +131,7 @@ def test_index_then_reindex_encodes_only_new_or_changed(photos, model_dir, count
 
 def test_query_prints_ranked_matches_and_writes_escaped_html(photos, model_dir, capsys, tmp_path, monkeypatch):
     assert _index(photos, model_dir, capsys, "--workers", "0")[0] == 0
-    monkeypatch.setattr("flame.search.index.BLOCK", 2)  # scores are computed in blocks of stored rows
+    monkeypatch.setattr("flame.search.query.BLOCK", 2)  # scores are computed in blocks of stored rows
     html_file = tmp_path / "sheet" / "out.html"
     query = "a <b>bold</b> & noisy photo"
     code = flame_main(["search", "query", query, "--model", str(model_dir), "--index", str(photos / ".flame-index"),

@@ -120,12 +120,7 @@ class CaptionTable:
             return self._csv_rows(names)
         kf = self.key_field
         if suffix == ".json":
-            try:
-                records = json.loads(self.path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise FlameError(f"caption table {self.path}: invalid JSON ({e.__class__.__name__}: {e})") from e
-            if isinstance(records, dict):  # {key: caption} or {key: {...}}
-                records = [{kf: k, **(v if isinstance(v, dict) else {"caption": v})} for k, v in records.items()]
+            records = self._json_records([kf, *names], keys)
         else:
             records = self._jsonl_records([kf, *names], keys)
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -169,6 +164,30 @@ class CaptionTable:
                 raise FlameError(f"caption table {self.path}: cannot read CSV ({e})") from e
 
         return header, csv_rows()
+
+    def _json_records(self, fields: list[str], keys: set[str] | None) -> list[dict]:
+        """Stream a `.json` table (a list of objects, or {key: caption} / {key: {...}}) item by
+        item (`flame.data.jsonstream`), keeping only `fields` of the wanted rows: memory follows
+        the rows kept, as for JSONL. The first row carries every field of the first 1000 rows
+        (None where absent) and every wanted field seen anywhere, for the header check."""
+        from flame.data.jsonstream import iter_json_items
+
+        kf, seen, kept, first_fields = fields[0], set(), [], {}
+        try:
+            for n, (key, value) in enumerate(iter_json_items(self.path)):
+                if key is None and not isinstance(value, dict):
+                    raise FlameError(f"caption table {self.path}: expected a list of objects with {kf!r} and "
+                                     "caption fields")
+                row = value if key is None else {kf: key, **(value if isinstance(value, dict) else {"caption": value})}
+                if n < 1000:
+                    first_fields.update(dict.fromkeys(row))
+                seen.update(f for f in fields if f in row)
+                if keys is None or str(row.get(kf)) in keys:
+                    kept.append({f: row[f] for f in fields if f in row})
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FlameError(f"caption table {self.path}: invalid JSON ({e.__class__.__name__}: {e})") from e
+        header_row = dict.fromkeys(first_fields) | dict.fromkeys(sorted(seen - set(first_fields)))
+        return [header_row | kept[0], *kept[1:]] if kept else ([header_row] if header_row else [])
 
     def _jsonl_records(self, fields: list[str], keys: set[str] | None) -> list[dict]:
         """Stream a JSONL file, keeping only `fields` of the rows whose key is wanted, so memory

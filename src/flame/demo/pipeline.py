@@ -34,8 +34,30 @@ def main(cfg: Config) -> int:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise FlameError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out)
     return Demo(out, cfg.settings(), progress=cfg.progress).run()
+
+
+OWN_MARK = ".flame-demo"  # written into --out by the demo: the folders it replaces are its own
+
+
+def claim_out(out: Path) -> None:
+    """Make `out` the demo's folder, or refuse before any work. The demo replaces OUT/data,
+    store, runs and cache/images when its settings change; in a folder it did not make (no
+    OUT/.flame-demo, and no OUT/stages/llm.json of a demo made before the mark existed) any of them
+    existing is the user's, and nothing is removed."""
+    paths = DemoPaths(out)
+    mark = out / OWN_MARK
+    if not mark.is_file() and not (paths.stages / "llm.json").is_file():
+        theirs = [p for p in (paths.data, paths.store, paths.runs, paths.image_cache) if p.exists() or p.is_symlink()]
+        if theirs:
+            raise FlameError(
+                f"--out {out} already holds {theirs[0].relative_to(out).as_posix()}/, which flame demo did not make "
+                "(the demo replaces its own data/, store/, runs/ and cache/images/); choose a new or empty --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if not mark.is_file():
+        write_atomic(mark, "made by flame demo: its data/, store/, runs/, cache/ are replaced when settings change\n")
 
 
 def stage_key(config: object, root: Path, leave_out: frozenset[str] = frozenset(), **inputs: dict) -> dict:

@@ -10,7 +10,8 @@ from typing import ClassVar
 from flame.config import at_least, setting
 from flame.errors import FlameError
 from flame.fileio import write_atomic
-from flame.search.index import INDEX_NAME, LONG_CHARS, LONG_WORDS, build_index, search
+from flame.search.index import INDEX_NAME, build_index
+from flame.search.query import LONG_CHARS, LONG_WORDS, search, shown
 from flame.search.sheet import contact_sheet
 
 EPILOG = """\
@@ -46,7 +47,10 @@ class IndexConfig(_ModelSettings):
     batch_size: int = setting(64, check=at_least(1), help="images per forward pass")
     workers: int | None = setting(None, check=at_least(0), shown="min(4, CPUs)",
                                   help="DataLoader workers decoding photos")
-    rebuild: bool = setting(False, help="replace an index built with another model")
+    rebuild: bool = setting(False, help="replace an index built with another model (only a flame search index is "
+                                        "ever replaced)")
+    allow_empty: bool = setting(False, help="accept a photo folder with no photos against an index that has some "
+                                            "(forgets them all; refused otherwise: an unmounted disk looks empty)")
     progress: bool = setting(True, negate="--no-progress", help="no progress bar")
 
 
@@ -81,7 +85,8 @@ def index_main(cfg: IndexConfig) -> int:
     model = FlameModel.from_pretrained(cfg.model, device=resolve_device(cfg.device))
     index = cfg.index or photos / INDEX_NAME
     workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
-    r = build_index(photos, model, index, cfg.batch_size, workers, cfg.rebuild, progress=cfg.progress)
+    r = build_index(photos, model, index, cfg.batch_size, workers, cfg.rebuild, progress=cfg.progress,
+                    allow_empty=cfg.allow_empty)
     print(f"{r.photos} photos: {r.encoded} encoded, {r.reused} unchanged, {len(r.unreadable)} unreadable "
           f"(skipped), {r.removed} removed; index {index}")
     return 0
@@ -99,7 +104,7 @@ def query_main(cfg: QueryConfig) -> int:
     prompts, hits, n, photos = search(model, index, cfg.text, cfg.k, cfg.prompts)
     print(f"{n} photos under {photos or index.parent}; query ({prompts} prompts): {cfg.text}")
     for rank, (score, rel) in enumerate(hits, 1):
-        print(f"{rank:>4}  {score:7.4f}  {rel}")
+        print(f"{rank:>4}  {score:7.4f}  {shown(rel)}")
     if cfg.html:
         cfg.html.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cfg.html, contact_sheet(cfg.text, prompts, hits, photos or index.parent, str(cfg.model)))

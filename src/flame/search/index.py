@@ -1,10 +1,10 @@
-"""The photo index of `flame search` (format: see the package docstring) and the query over it."""
+"""Building the photo index of `flame search` (format: see the package docstring and
+`flame.search.entries`): the folder scan, the encoding run and its commits."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,29 +13,15 @@ import numpy as np
 import torch
 
 from flame.data.images import IMAGE_EXTS, decode_or_blank
-from flame.errors import FlameError, first_line
-from flame.fileio import write_atomic
+from flame.errors import FlameError
 from flame.lock import FileLock
+from flame.search.compact import collect_garbage, next_shard
+from flame.search.entries import Entries, EntryWriter, read_entries, read_legacy, read_stats
+from flame.search.query import KIND, shown
 
 PHOTO_SUFFIXES = tuple("." + e for e in IMAGE_EXTS)  # jpg jpeg png webp bmp
 INDEX_NAME = ".flame-index"
-KIND = "flame-image-index"
-FILES = "files.json"
 COMMIT_EVERY = 4096  # photos per shard: a killed run keeps every committed shard
-BLOCK = 65536  # vectors read at a time when scoring a query
-# Default prompt set for a query (FLAME.md section 6): the long set for long or multi-sentence
-# text, the raw set for short text.
-LONG_WORDS = 20
-LONG_CHARS = 120
-_SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]\s*(?=\S)")
-
-
-def default_prompts(text: str) -> str:
-    """"long" when the text has more than one sentence, more than LONG_WORDS words or more
-    than LONG_CHARS characters (for scripts without spaces); otherwise "raw"."""
-    text = text.strip()
-    multi = _SENTENCE_END.search(text) is not None
-    return "long" if multi or len(text.split()) > LONG_WORDS or len(text) > LONG_CHARS else "raw"
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,94 +88,57 @@ def _manifest(model) -> dict:
     }
 
 
-def _read_files(index: Path) -> tuple[dict[str, dict], str | None]:
-    """-> (path -> entry, the photo folder the paths are relative to)."""
-    path = index / FILES
-    if not path.is_file():
-        return {}, None
+def _not_an_index(index: Path, old: dict, rebuild: bool) -> FlameError:
+    from flame.store import EmbeddingStore
+
+    what = "its manifest.json is unreadable or of another kind"
+    if old.get("format") == "flame-embeddings":
+        try:
+            n = len(EmbeddingStore(index).shards)
+        except FlameError:
+            n = 0
+        what = f"it is a flame embed store with {n} complete shard{'s' if n != 1 else ''}"
+    also = "; --rebuild only replaces a flame search index" if rebuild else ""
+    return FlameError(f"{index} is not a flame search index ({what}){also}; nothing was removed, "
+                      "choose another --index")
+
+
+def _check_kind(index: Path, rebuild: bool) -> dict | None:
+    """The index's manifest (None if it has none); refused unless this command made it."""
+    mf = index / "manifest.json"
+    if not mf.is_file():
+        stray = sorted(p.name for p in index.iterdir() if p.name not in (".lock", ".lock-owner", "shards")) \
+            if index.is_dir() else []
+        if stray:
+            raise FlameError(f"{index} is not a flame search index (it holds {stray[0]!r}); nothing was changed, "
+                             "choose another --index")
+        return None
     try:
-        data = json.loads(path.read_text())
-        return dict(data["files"]), data.get("root")
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}, None  # unreadable bookkeeping: everything is re-encoded, nothing is lost
-
-
-def _write_files(index: Path, files: dict[str, dict], root: Path) -> None:
-    data = {"version": 1, "root": str(Path(root).resolve()), "files": files}
-    write_atomic(index / FILES, json.dumps(data, ensure_ascii=False) + "\n")
+        old = json.loads(mf.read_text())
+    except (OSError, ValueError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    if old.get("kind") != KIND:
+        raise _not_an_index(index, old, rebuild)
+    return old
 
 
 def _open_index(index: Path, model, rebuild: bool):
+    """The index's store, created if new. Only an index this command made (kind KIND) is ever
+    replaced by --rebuild; any other store or folder is refused before anything is removed."""
     from flame.store import EmbeddingStore
 
-    mf = index / "manifest.json"
-    if mf.is_file() and not rebuild:
-        try:
-            old = json.loads(mf.read_text())
-        except (OSError, ValueError):
-            old = {}
-        if old.get("kind") != KIND:
-            raise FlameError(f"{index} is not a flame search index; choose another --index")
-        if old.get("model", {}).get("fingerprint") != model.fingerprint:
+    old = _check_kind(index, rebuild)
+    if old is not None:
+        fingerprint = (old.get("model") or {}).get("fingerprint")
+        if fingerprint != model.fingerprint and not rebuild:
             raise FlameError(
-                f"index {index} was built with another model (fingerprint {old.get('model', {}).get('fingerprint')}, "
+                f"index {index} was built with another model (fingerprint {fingerprint}, "
                 f"this one {model.fingerprint}); pass --rebuild to replace it"
             )
-    if rebuild and mf.is_file():
-        (index / FILES).unlink(missing_ok=True)
+        if rebuild:
+            EntryWriter(index).clear()
     return EmbeddingStore.create(index, _manifest(model), overwrite=rebuild)
-
-
-def _per_photo(store, files: dict[str, dict], rels: list[str], fn, shape: tuple[int, ...]) -> np.ndarray:
-    """fn(float32 vectors [n, D]) for the photos `rels`, read shard by shard in sorted row blocks
-    of BLOCK, so memory stays bounded however large the index is."""
-    out = np.empty((len(rels), *shape), dtype=np.float32)
-    by_shard: dict[str, list[tuple[int, int]]] = {}
-    for i, rel in enumerate(rels):
-        e = files[rel]
-        by_shard.setdefault(e["shard"], []).append((i, e["row"]))
-    for shard, pairs in by_shard.items():
-        dst = np.array([p[0] for p in pairs])
-        rows = np.array([p[1] for p in pairs])
-        order = np.argsort(rows)
-        dst, rows = dst[order], rows[order]
-        for s in range(0, len(rows), BLOCK):
-            out[dst[s : s + BLOCK]] = fn(store.get(shard, rows[s : s + BLOCK])[:, 0])
-    return out
-
-
-def _vectors(store, files: dict[str, dict], rels: list[str]) -> np.ndarray:
-    """float32 [len(rels), D] gathered from the shards named in `files`."""
-    return _per_photo(store, files, rels, lambda v: v, (store.dim,))
-
-
-def _next_shard(store) -> str:
-    numbers = [int(n.split("-")[-1]) for n in store.shards if n.startswith("batch-") and n.split("-")[-1].isdigit()]
-    return f"batch-{max(numbers, default=0) + 1:06d}"
-
-
-def _collect_garbage(store, files: dict[str, dict], root: Path) -> None:
-    """Remove shards no live entry points at; compact when most stored rows are dead."""
-    live: dict[str, int] = {}
-    for e in files.values():
-        live[e["shard"]] = live.get(e["shard"], 0) + 1
-    total = 0
-    for name in store.shards:
-        if name not in live:
-            for p in store._shard_paths(name).values():
-                p.unlink(missing_ok=True)
-        else:
-            total += store.array(name).shape[0]
-    if len(live) > 1 and sum(live.values()) * 2 < total:
-        rels = sorted(files)
-        vecs = _vectors(store, files, rels)
-        name = _next_shard(store)
-        store.write_shard(name, rels, vecs[:, None])
-        new = {rel: {**files[rel], "shard": name, "row": i} for i, rel in enumerate(rels)}
-        _write_files(store.path, new, root)
-        files.clear()
-        files.update(new)
-        _collect_garbage(store, files, root)
 
 
 def build_index(
@@ -200,55 +149,92 @@ def build_index(
     workers: int = 2,
     rebuild: bool = False,
     progress: bool = True,
+    allow_empty: bool = False,
 ) -> IndexReport:
-    """Encode the new or changed photos under `photos` into the index (see the module doc)."""
+    """Encode the new or changed photos under `photos` into the index (see the module doc).
+    A folder with no photo against an index that has some (an unmounted disk, a wrong path) is
+    refused unless `allow_empty`: it would forget every photo."""
     photos = Path(photos)
     if not photos.is_dir():
         raise FlameError(f"{photos} is not a folder of photos")
     index = Path(index) if index is not None else photos / INDEX_NAME
+    _check_kind(index, rebuild)  # before the lock file is made in someone else's folder (checked again under it)
     index.mkdir(parents=True, exist_ok=True)
     # one indexer per index at a time (flame.lock: the kernel drops the lock if the process dies)
     with FileLock(index / ".lock", busy=f"index {index} is being updated by another flame search index",
                   hint="wait for it"):
-        return _update(photos, model, index, batch_size, workers, rebuild, progress)
+        return _update(photos, model, index, batch_size, workers, rebuild, progress, allow_empty)
 
 
 class _Run:
-    """One indexing run: the photos found, the live entries so far, the vectors not yet committed."""
+    """One indexing run: the photos found, the entries before it, the live ones so far, the
+    vectors not yet committed."""
 
-    def __init__(self, photos: Path, index: Path, store, found: dict[str, tuple[int, int]]):
-        self.photos, self.index, self.store, self.found = photos, index, store, found
+    def __init__(self, photos: Path, store, found: dict[str, tuple[int, int]], entries: Entries):
+        self.photos, self.store, self.found, self.entries = photos, store, found, entries
+        self.writer = EntryWriter(store.path)
         self.report = IndexReport(photos=len(found))
-        self.files: dict[str, dict] = {}
+        self.old: dict[str, tuple[str, int, int, int]] = {}  # path -> shard, row, size, mtime_ns
+        self.stale: dict[str, list[int]] = {}  # rows to drop: older copies of one path
         self.keys: list[str] = []
         self.vectors: list[np.ndarray] = []
 
-    def reuse(self, old: dict[str, dict]) -> list[str]:
-        """Keep the entries of unchanged photos; -> the photos to encode."""
-        shards = set(self.store.shards)
-        todo: list[str] = []
-        for rel, (size, mtime) in self.found.items():
-            e = old.get(rel)
-            if e and e.get("size") == size and e.get("mtime_ns") == mtime and e.get("shard") in shards:
-                self.files[rel] = e
-            else:
-                todo.append(rel)
-        self.report.reused = len(self.files)
-        self.report.removed = sum(rel not in self.found for rel in old)
+    def load(self) -> None:
+        """The live rows before this run (a path in two shards: the newer one counts)."""
+        complete = set(self.store.shards)
+        for name in [n for n in self.entries.shards if n not in complete]:
+            del self.entries.shards[name]  # named by the log but gone: its rows are re-encoded
+        for name in self.entries.shards:
+            keys = self.store.keys(name)
+            stat = read_stats(self.store.path, name, len(keys))
+            for row in np.flatnonzero(~self.entries.dead(name, len(keys))).tolist():
+                rel = keys[row]
+                if rel in self.old:
+                    self.stale.setdefault(self.old[rel][0], []).append(self.old[rel][1])
+                self.old[rel] = (name, row, int(stat[row, 0]), int(stat[row, 1]))
+
+    def reuse(self) -> list[str]:
+        """Keep the rows of unchanged photos; -> the photos to encode."""
+        todo = [rel for rel, (size, mtime) in self.found.items()
+                if (e := self.old.get(rel)) is None or (e[2], e[3]) != (size, mtime)]
+        self.report.reused = len(self.found) - len(todo)
+        self.report.removed = sum(rel not in self.found for rel in self.old)
         return todo
 
+    def _drops(self, rels) -> dict[str, list[int]]:
+        drops: dict[str, list[int]] = {}
+        for rel in rels:
+            e = self.old.pop(rel, None)
+            if e is not None:
+                drops.setdefault(e[0], []).append(e[1])
+        return drops
+
+    def _record(self, record: dict) -> None:
+        self.writer.append(record)
+        self.entries.apply(record)
+
     def commit(self) -> None:
-        """A shard of the photos encoded so far, then files.json: a killed run keeps them."""
-        if self.keys:
-            name = _next_shard(self.store)
-            self.store.write_shard(name, self.keys, np.concatenate(self.vectors)[:, None])
-            for row, rel in enumerate(self.keys):
-                size, mtime = self.found[rel]
-                self.files[rel] = {"size": size, "mtime_ns": mtime, "shard": name, "row": row}
-            self.report.encoded += len(self.keys)
-            self.keys.clear()
-            self.vectors.clear()
-        _write_files(self.index, dict(sorted(self.files.items())), self.photos)
+        """A shard of the photos encoded so far, its stats, then one log line (the commit
+        point: its rows live, the rows they replace dead). A killed run keeps it."""
+        if not self.keys:
+            return
+        name = next_shard(self.store)
+        self.store.write_shard(name, self.keys, np.concatenate(self.vectors)[:, None])
+        self.writer.write_stats(name, np.array([self.found[rel] for rel in self.keys], dtype=np.int64))
+        self._record({"add": name, "drop": self._drops(self.keys)})
+        self.report.encoded += len(self.keys)
+        self.keys.clear()
+        self.vectors.clear()
+
+    def finish(self) -> None:
+        """Drop the rows of photos gone from the folder, or unreadable now, and older copies."""
+        self.commit()
+        drops = self._drops([rel for rel in self.old if rel not in self.found or rel in self.report.unreadable])
+        for name, rows in self.stale.items():
+            drops.setdefault(name, []).extend(rows)
+        if drops:
+            self._record({"drop": drops})
+        self.writer.write_root(self.photos)
 
     def encode(self, model, todo: list[str], batch_size: int, workers: int, progress: bool) -> None:
         """Encode `todo` in DataLoader workers, committing every COMMIT_EVERY photos."""
@@ -265,7 +251,7 @@ class _Run:
             bad = [todo[int(i)] for i in idx[~ok]]
             self.report.unreadable.extend(bad)
             for rel in bad:
-                bar.write(f"flame search: cannot read {rel} (skipped)", file=sys.stderr)
+                bar.write(f"flame search: cannot read {shown(rel)} (skipped)", file=sys.stderr)
             if ok.any():
                 self.vectors.append(model.encode_image(images[ok]).cpu().numpy())
                 self.keys.extend(todo[int(i)] for i in idx[ok])
@@ -275,59 +261,47 @@ class _Run:
         bar.close()
 
 
+def _entries(index: Path, store, writer: EntryWriter) -> tuple[Entries, dict | None]:
+    """-> (the index's entries, a format-1 index's stats to convert, else None)."""
+    entries = read_entries(index)
+    if entries is not None:
+        writer.repair()
+        return entries, None
+    legacy = read_legacy(index, store)
+    if legacy is None:
+        return Entries(), None
+    return legacy
+
+
 def _update(photos: Path, model, index: Path, batch_size: int, workers: int, rebuild: bool,
-            progress: bool) -> IndexReport:
+            progress: bool, allow_empty: bool) -> IndexReport:
     store = _open_index(index, model, rebuild)
     store.clean_temporaries()
-    run = _Run(photos, index, store, scan_photos(photos, skip=index))
-    todo = run.reuse(_read_files(index)[0])
+    found = scan_photos(photos, skip=index)
+    run = _Run(photos, store, found, Entries())
+    run.entries, legacy = _entries(index, store, run.writer)
+    if legacy is None:
+        run.load()
+    else:  # format 1 (files.json): read into memory, converted below, once the guard has passed
+        _load_legacy(run, legacy)
+    if not found and run.old and not allow_empty:
+        raise FlameError(
+            f"{photos} holds no photos but index {index} has {len(run.old):,}; nothing was changed (is the folder "
+            "unmounted or the path wrong?); pass --allow-empty to forget them all"
+        )
+    if legacy is not None:
+        run.writer.convert_legacy(run.entries, legacy, photos)
+    todo = run.reuse()
     if todo:
         run.encode(model, todo, batch_size, workers, progress)
-    run.commit()
-    _collect_garbage(store, run.files, photos)
+    run.finish()
+    collect_garbage(store, run.entries, run.writer, COMMIT_EVERY)
     return run.report
 
 
-def _reader(index: Path, model=None):
-    """-> (store, files, photo folder) of an index; with `model`, its fingerprint must match."""
-    from flame.store import EmbeddingStore
-
-    if not (index / "manifest.json").is_file():
-        raise FlameError(f"no search index at {index}; make one with: flame search index PHOTOS --model MODEL")
-    store = EmbeddingStore(index)
-    if store.manifest.get("kind") != KIND:
-        raise FlameError(f"{index} is not a flame search index")
-    if model is not None and store.manifest.get("model", {}).get("fingerprint") != model.fingerprint:
-        raise FlameError(f"index {index} was built with another model; rerun flame search index with this --model")
-    files, root = _read_files(index)
-    return store, files, Path(root) if root else None
-
-
-def _reading(index: Path, fn):
-    try:
-        return fn()
-    except (FlameError, KeyError, OSError) as e:
-        raise FlameError(f"index {index} is incomplete or changed while reading it ({first_line(e)}); "
-                         "rerun the command") from e
-
-
-def load_index(index: Path, model=None) -> tuple[list[str], np.ndarray, Path | None]:
-    """-> (relative paths, float32 [N, D] vectors, the photo folder). With `model`, its
-    fingerprint must match."""
-    store, files, root = _reader(Path(index), model)
-    rels = sorted(files)
-    return rels, _reading(index, lambda: _vectors(store, files, rels)), root
-
-
-def search(model, index: Path, query: str, k: int = 10, prompts: str | None = None):
-    """-> (prompt set used, [(score, path)] best first, photos in the index, photo folder).
-    Scores are cosine similarities, computed block by block from the stored vectors."""
-    store, files, root = _reader(Path(index), model)
-    rels = sorted(files)
-    if not rels:
-        raise FlameError(f"index {index} holds no photos")
-    prompts = prompts or default_prompts(query)
-    q = model.encode_text([query], prompts=prompts)[0].numpy()
-    scores = _reading(index, lambda: _per_photo(store, files, rels, lambda v: v @ q, ()))
-    top = np.argsort(-scores, kind="stable")[:k]
-    return prompts, [(float(scores[i]), rels[i]) for i in top], len(rels), root
+def _load_legacy(run: _Run, stats: dict[str, np.ndarray]) -> None:
+    """`_Run.load` for a format-1 index, from its files.json read into memory."""
+    for name in run.entries.shards:
+        keys = run.store.keys(name)
+        for row in np.flatnonzero(~run.entries.dead(name, len(keys))).tolist():
+            run.old[keys[row]] = (name, row, int(stats[name][row, 0]), int(stats[name][row, 1]))

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from flame.data.images import open_image
+from flame.search.query import shown
 
 
 def _thumbnail(path: Path, size: int = 256) -> str | None:
@@ -34,9 +35,10 @@ def contact_sheet(query: str, prompts: str, hits: list[tuple[float, str]], photo
     cards = []
     for rank, (score, rel) in enumerate(hits, 1):
         thumb = _thumbnail(photos / rel)
-        img = (f'<img src="data:image/jpeg;base64,{thumb}" alt="{e(rel)}">' if thumb
+        name = shown(rel)
+        img = (f'<img src="data:image/jpeg;base64,{thumb}" alt="{e(name)}">' if thumb
                else '<div class="missing">cannot read this photo</div>')
-        cards.append(f'<figure>{img}<figcaption><b>#{rank}</b> {score:.4f}<br>{e(rel)}</figcaption></figure>')
+        cards.append(f'<figure>{img}<figcaption><b>#{rank}</b> {score:.4f}<br>{e(name)}</figcaption></figure>')
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>flame search: {e(query)}</title>"

@@ -18,8 +18,8 @@ int8 uses one symmetric scale per vector: scale = max|x| / 127, q = round(x / sc
 Reading is checked and bounded: a shard is validated against the manifest when it is opened
 (npy header, dtype, [N, K, D], file size, N against its keys; no data is read), at most
 `max_open` shards are kept open (an LRU: memory maps hold one file descriptor each), keys are
-indexed compactly (sorted UTF-8 bytes + row order, len(key) + 4 bytes per key), and no
-non-finite vector is ever written or handed out.
+indexed compactly (sorted UTF-8 bytes in one buffer + offsets and rows, len(key) + 8 bytes
+per key), and no non-finite vector is ever written or handed out.
 """
 
 from flame.store.folder import EmbeddingStore, KeyIndex

@@ -30,21 +30,34 @@ def _default_max_open() -> int:
 
 
 class KeyIndex:
-    """key -> row of one shard, compact: the keys as UTF-8 bytes sorted once plus their rows
-    (len(key) + 4 bytes per key; a dict of str and the key list cost ~130)."""
+    """key -> row of one shard, compact: the keys' UTF-8 bytes sorted and concatenated into one
+    buffer, with their end offsets and rows (len(key) + 8 bytes per key: no key pays for the
+    longest one; a dict of str and the key list cost ~130). Keys that are not valid Unicode
+    (surrogate escapes of non-UTF-8 names) are kept exactly (surrogatepass)."""
 
     def __init__(self, keys: Sequence[str]):
-        encoded = np.array([k.encode("utf-8") for k in keys], dtype=bytes)
-        self._order = np.argsort(encoded, kind="stable")
-        self._sorted = encoded[self._order]
-        if len(keys) < 2**31:
-            self._order = self._order.astype(np.int32)
+        encoded = [k.encode("utf-8", "surrogatepass") for k in keys]
+        order = sorted(range(len(encoded)), key=encoded.__getitem__)
+        self._blob = b"".join(encoded[i] for i in order)
+        wide = len(self._blob) >= 2**31 or len(keys) >= 2**31
+        self._ends = np.cumsum(np.fromiter((len(encoded[i]) for i in order), dtype=np.int64, count=len(order)))
+        self._ends = self._ends.astype(np.int64 if wide else np.int32)
+        self._order = np.asarray(order, dtype=np.int64 if wide else np.int32)
+
+    def _key(self, i: int) -> bytes:
+        return self._blob[int(self._ends[i - 1]) if i else 0 : int(self._ends[i])]
 
     def get(self, key: str, default=None):
-        b = key.encode("utf-8")
-        i = int(np.searchsorted(self._sorted, b))
-        if i < len(self._sorted) and self._sorted[i] == b:
-            return int(self._order[i])
+        b = key.encode("utf-8", "surrogatepass")
+        lo, hi = 0, len(self._order)
+        while lo < hi:  # bisect over the sorted keys
+            mid = (lo + hi) // 2
+            if self._key(mid) < b:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(self._order) and self._key(lo) == b:
+            return int(self._order[lo])
         return default
 
     def __getitem__(self, key: str) -> int:
@@ -57,11 +70,11 @@ class KeyIndex:
         return isinstance(key, str) and self.get(key) is not None
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return len(self._order)
 
     @property
     def nbytes(self) -> int:
-        return self._sorted.nbytes + self._order.nbytes
+        return len(self._blob) + self._ends.nbytes + self._order.nbytes
 
 
 @dataclass

@@ -93,13 +93,22 @@ class ShardWriter:
                 self.scale.flush()
                 self.scale = None
                 fileio.replace(self.tmp["scale"], self.paths["scale"])
-            write_atomic(self.paths["keys"], (json.dumps(list(keys), ensure_ascii=False) + "\n").encode())
+            write_atomic(self.paths["keys"], keys_json(keys))
         return sum(p.stat().st_size for k, p in self.paths.items() if k != "scale" or self.store.dtype == "int8")
 
     def abort(self) -> None:
         self.array = self.scale = None
         for p in self.tmp.values():
             p.unlink(missing_ok=True)
+
+
+def keys_json(keys: Sequence[str]) -> bytes:
+    """A keys file: UTF-8 JSON; keys that are not valid Unicode (file names that are not UTF-8,
+    kept as surrogate escapes) are written as JSON \\u escapes, which read back exactly."""
+    try:
+        return (json.dumps(list(keys), ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(list(keys)) + "\n").encode("ascii")
 
 
 def _allocate(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
