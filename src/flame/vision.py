@@ -95,6 +95,10 @@ TOWER_KWARGS: dict[str, dict[str, tuple]] = {
              "drop_rate": _NUM, "attn_drop_rate": _NUM, "drop_path_rate": _NUM},
 }
 
+# upper bounds checked before the cost is computed (a depth of 10^5 would take minutes even on meta)
+_KWARG_MAX = {"patch_size": 1024, "width": MAX_DIM, "embed_dim": MAX_DIM, "layers": 1024, "depth": 1024,
+              "heads": 1024, "num_heads": 1024, "mlp_ratio": 64, "reg_tokens": 1024}
+
 
 def _check_int(value, where: str, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -117,11 +121,11 @@ def check_tower_kwargs(tower: str, kwargs: dict, where: str = "tower_kwargs") ->
             kind_name = "true or false" if types == _BOOL else "a number"
             raise FlameError(f"{where}.{key} must be {kind_name}, not {value!r}")
         if key.endswith("_rate") or key == "init_values":
-            ok = 0 <= value <= 1
+            low, high = 0, 1
         else:
-            ok = types == _BOOL or 0 < value <= 1_000_000
-        if not ok:
-            raise FlameError(f"{where}.{key} is out of range: {value!r}")
+            low, high = 0 if key == "reg_tokens" else 1, _KWARG_MAX.get(key, 1)
+        if types != _BOOL and not low <= value <= high:
+            raise FlameError(f"{where}.{key} must be from {low} to {high:,}, not {value!r}")
 
 
 def check_tower_cost(config: TowerConfig) -> None:
