@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.commands import run_flame
+from support.untrusted import caption_table, edit_config, model_folder, text_side
 
 from flame.errors import FlameError
 from flame.model import FlameModel
-from support.commands import run_flame
-from support.untrusted import caption_table, edit_config, model_folder, text_side
 
 SPEC = "tiny-org/tiny-llm"  # a hub id no cache on this machine holds
 
