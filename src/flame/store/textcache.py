@@ -78,8 +78,8 @@ class TextCache:
         if self._db is not None and self._pid == os.getpid():
             return self._db
         path = self.folder / INDEX
-        if not create and not path.is_file():
-            return None
+        if not create and not path.is_file() and not next(self.folder.glob("*.keys.json"), None):
+            return None  # nothing cached (a folder of chunks without an index is imported below)
         self.folder.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=600, isolation_level=None)
         db.execute("BEGIN IMMEDIATE")
