@@ -193,3 +193,27 @@ def test_bad_model_folder_through_flame_eval_is_one_line_exit_2(tmp_path, capsys
                   "--output", tmp_path / "r.json", "--workers", "0", "--no-progress")
     assert r.code == 2 and "not a checkpoint folder inside" in r.error
     assert not (tmp_path / "r.json").exists()
+
+
+_CACHED_HUB = """
+import sys
+from flame.textenc import TextEncoder
+from support.untrusted import text_side
+enc = TextEncoder(text_side("tiny-org/tiny-llm", None), cache_dir=sys.argv[1], device="cpu")
+print("OK", tuple(enc.encode(["a cat"]).shape), enc.identity.split(":")[0])
+"""
+
+
+def test_a_hub_llm_in_the_local_cache_is_used_offline(tiny_llm_dir, tmp_path):
+    """The allowed case: the hub id's snapshot is in the local Hugging Face cache (offline)."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llm"
+    shutil.copytree(tiny_llm_dir, repo / "snapshots" / "c0ffee")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", _CACHED_HUB, str(tmp_path / "cache")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.stdout.strip() == "OK (1, 32) weights", out.stdout + out.stderr[-1500:]
