@@ -150,6 +150,50 @@ def _resolve(spec: str) -> tuple[str, bool]:
     return spec, False
 
 
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of `repo_id` (its config.json cached), or None.
+    Never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".model", ".json")
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 4096
+
+
+def weights_key(spec: str) -> str | None:
+    """A key of the content of the weights `spec` names, computed without loading them or the
+    network: per file (a folder's weight, tokenizer and config files; a GGUF file; a cached hub
+    snapshot's files) its name, size, mtime, the safetensors header and 64 blocks of 4 KiB spread
+    over the file, hashed. Replaced weights at the same path get another key. None: a hub id not
+    in the local cache (nothing to read yet)."""
+    if spec in BUILTIN_LLMS:
+        files = [_builtin_path(spec)]
+    else:
+        path = Path(spec).expanduser()
+        folder = path if path.is_dir() else None if path.is_file() or path.suffix == ".gguf" else hub_snapshot(spec)
+        if folder is None and not path.is_file():
+            return None
+        files = [path] if folder is None else sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    h = hashlib.sha256(b"flame-weights-1")
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if f.suffix == ".safetensors" and len(head) == 8 else 0
+            h.update(head + fh.read(min(n, 1 << 26)))
+            for i in range(SAMPLE_BLOCKS):
+                fh.seek(st.st_size * i // SAMPLE_BLOCKS)
+                h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
 def prepare_tokenizer(tokenizer):
     """Right padding and a pad token: the facet encoder builds its own masks and
     position ids, so this only has to make padded batches well-formed."""
@@ -164,14 +208,25 @@ def load_llm(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    allow_download: bool = True,
 ):
     """Return `(model, tokenizer)`: the model frozen and in eval mode on `device`
-    (default: CUDA if present, else CPU), in `dtype` (default bf16 on CUDA, fp32 on CPU)."""
+    (default: CUDA if present, else CPU), in `dtype` (default bf16 on CUDA, fp32 on CPU).
+    `allow_download=False` (a spec read from a model folder, not given by the user): a hub id
+    is used only from the local Hugging Face cache, never downloaded."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     source, local = _resolve(str(spec))
+    if not local and not allow_download:
+        if hub_snapshot(source) is None:
+            raise FlameError(
+                f"the model's text side names the hub LLM {spec!r}, which is not in the local Hugging Face "
+                f"cache; FLAME never downloads an LLM a model folder names: pass it yourself (--llm {spec} / "
+                "llm=...) to download it, or a local copy"
+            )
+        local = True
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as e:

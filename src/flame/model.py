@@ -62,6 +62,69 @@ def resolve_model_folder(path: str | Path) -> Path:
     )
 
 
+def check_config(cfg: dict, where: str = CONFIG) -> tuple[TowerConfig, dict]:
+    """A model config's tower and text side, checked in full before anything is built: the
+    tower's types, options and cost (`TowerConfig.from_dict`, `flame.vision.check_tower_cost`),
+    the text side's types (`check_text_side`), and that both sides share one width D."""
+    from flame.vision import check_tower_cost
+
+    if cfg.get("version") != VERSION:
+        raise FlameError(f"{where}: unsupported FLAME model version {cfg.get('version')!r} (this reads {VERSION})")
+    if "tower" not in cfg:
+        raise FlameError(f"{where} is not a complete FLAME model config (no 'tower')")
+    tower = TowerConfig.from_dict(cfg["tower"], f"{where}: tower")
+    text = check_text_side(cfg.get("text"), f"{where}: text")
+    if text.get("dim") is not None and text["dim"] != tower.embed_dim:
+        raise FlameError(f"{where}: text.dim {text['dim']} differs from tower.embed_dim {tower.embed_dim}")
+    check_tower_cost(tower)
+    return tower, text
+
+
+def _fail(where: str, what: str, value) -> None:
+    raise FlameError(f"{where} must be {what}, not {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_text_side(text, where: str = "text") -> dict:
+    """The "text" block's fields with the types `flame.textenc` relies on (absent ones stay absent)."""
+    from flame.facets import POSITIONS
+
+    text = {} if text is None else text
+    if not isinstance(text, dict):
+        _fail(where, "an object", text)
+    llm = text.get("llm", {})
+    if not isinstance(llm, dict) or not isinstance(llm.get("spec", ""), str):
+        _fail(f"{where}.llm", 'an object {"spec": "...", "fingerprint": ...}', llm)
+    if not isinstance(llm.get("fingerprint") or "", str):
+        _fail(f"{where}.llm.fingerprint", "a string or null", llm.get("fingerprint"))
+    layer = text.get("layer", [-2])
+    layers = layer if isinstance(layer, list) else [layer]
+    if not layers or not all(_is_int(v) and -1024 <= v <= 1024 for v in layers):
+        _fail(f"{where}.layer", "a layer number or a list of them", layer)
+    if text.get("positions", "restart") not in POSITIONS:
+        _fail(f"{where}.positions", f"one of {', '.join(POSITIONS)}", text.get("positions"))
+    for key, low, high in (("dim", 1, 65_536), ("k", 1, 10_000), ("max_caption_tokens", 1, 1 << 20)):
+        if key in text and not (_is_int(text[key]) and low <= text[key] <= high):
+            _fail(f"{where}.{key}", f"a whole number from {low} to {high:,}", text[key])
+    if not isinstance(text.get("normalized", True), bool):
+        _fail(f"{where}.normalized", "true or false", text["normalized"])
+    facets = text.get("facets", [])
+    if not isinstance(facets, list) or not all(isinstance(f, str) for f in facets):
+        _fail(f"{where}.facets", "a list of strings", facets)
+    sets = text.get("prompt_sets", [])
+    if not isinstance(sets, list):
+        _fail(f"{where}.prompt_sets", "a list", sets)
+    for i, d in enumerate(sets):
+        ok = isinstance(d, dict) and all(isinstance(d.get(k, ""), str) for k in ("name", "prefix", "sep"))
+        facets = d.get("facets", []) if ok else None
+        if not isinstance(facets, list) or not all(isinstance(f, str) for f in facets):
+            _fail(f"{where}.prompt_sets[{i}]", 'an object {"name", "prefix", "facets": [strings]}', d)
+    return text
+
+
 def _to_rgb(image):
     return image.convert("RGB")
 
@@ -217,23 +280,24 @@ class FlameModel(nn.Module):
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise FlameError(f"{path} is not valid JSON: {e}") from e
-        if cfg.get("format") != FORMAT:
-            raise FlameError(f"{path} is not a FLAME model config (format {cfg.get('format')!r})")
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+            raise FlameError(f"{path} is not a FLAME model config (format {got!r})")
+        check_text_side(cfg.get("text"), f"{path}: text")
         return cfg
 
     @classmethod
-    def from_config(cls, cfg: dict) -> FlameModel:
-        return cls(TowerConfig.from_dict(cfg["tower"]), cfg.get("text"))
+    def from_config(cls, cfg: dict, where: str = CONFIG) -> FlameModel:
+        """Build from a config dict, every field checked first (`check_config`)."""
+        tower, text = check_config(cfg, where)
+        return cls(tower, text)
 
     @classmethod
     def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> FlameModel:
         from safetensors.torch import load_file
 
         cfg = cls.read_config(folder)
-        try:
-            model = cls.from_config(cfg)
-        except (KeyError, TypeError) as e:
-            raise FlameError(f"{Path(folder) / CONFIG} is not a complete FLAME model config ({e})") from e
+        model = cls.from_config(cfg, str(Path(folder) / CONFIG))
         weights = Path(folder) / WEIGHTS
         if not weights.is_file():
             raise FlameError(f"{folder} has no {WEIGHTS}")

@@ -63,18 +63,39 @@ def read_ledger(run: Path) -> list[str]:
     return [str(n) for n in written]
 
 
+def inside(run: Path, name: str) -> bool:
+    """`name` is one plain entry of `run` (no separator, `..`, absolute path, or a symlink
+    leading out of the run folder)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return False
+    try:
+        return (run / name).resolve().parent == run.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def _named(run: Path, name: str, source: Path) -> Path:
+    if not inside(run, name):
+        raise FlameError(
+            f"{source} names {name!r}, which is not a checkpoint folder inside {run}: refusing it "
+            f"(a run folder's {LATEST} and {LEDGER} hold plain checkpoint names; fix or delete {source.name})"
+        )
+    return run / name
+
+
 def latest_checkpoint(run: Path, files: Sequence[str] = CHECKPOINT_FILES) -> Path | None:
     """The latest complete checkpoint of `run` (see the module docstring), or None.
-    `files`: what "complete" needs (MODEL_FILES to load a model, CHECKPOINT_FILES to resume)."""
+    `files`: what "complete" needs (MODEL_FILES to load a model, CHECKPOINT_FILES to resume).
+    A `latest` or ledger naming anything but a folder inside `run` is one FlameError."""
     marker = run / LATEST
     if marker.is_file():
-        name = marker.read_text().strip()
-        if name and is_complete(run / name, files):
+        name = marker.read_text(errors="replace").strip()
+        if name and is_complete(_named(run, name, marker), files):
             return run / name
     for name in reversed(read_ledger(run)):
-        if is_complete(run / name, files):
+        if is_complete(_named(run, name, run / LEDGER), files):
             return run / name
-    found = [p for p in checkpoints(run) if is_complete(p, files)]
+    found = [p for p in checkpoints(run) if inside(run, p.name) and is_complete(p, files)]
     return found[-1] if found else None
 
 

@@ -12,13 +12,21 @@ vectors, then L2 norm; for the raw set the single facet, normalised.
 Disk cache, one folder per *text space* (LLM identity, layer, positions, prompt texts):
 
     CACHE/text/SPACEKEY/space.json          what the key stands for (for people, not read back)
+    CACHE/text/SPACEKEY/index.sqlite        caption key (sha256) -> (chunk, row), and per chunk
+                                            its rows, width and sha256 digest
     CACHE/text/SPACEKEY/NAME.npy            float16 [n, D] vectors of one written chunk
-    CACHE/text/SPACEKEY/NAME.keys.json      the n captions, in row order (written last: marks
-                                            the chunk complete)
+    CACHE/text/SPACEKEY/NAME.keys.json      the n captions, in row order (ASCII JSON)
 
-Chunks are append-only, uniquely named and written atomically (temporary name + rename), so
-any number of readers and writers may share a cache. Vectors are returned exactly as stored
-(re-normalised after float16), so a first and a repeated evaluation give identical numbers.
+The LLM identity is its recorded fingerprint, or (no fingerprint recorded, or an LLM forced)
+the content key of the weights on disk (`flame.llm.weights_key`). Chunks are append-only,
+uniquely named, written atomically (temporary name + rename) and then registered in the index
+in one transaction: the first registered entry of a caption is served, files the index does
+not name are never read, so any number of readers and writers may share a cache (on a local
+or lock-honouring file system: sqlite's locks). A process looks up only the captions it is
+given and maps at most OPEN_ARRAYS chunk files at once. A chunk is checked when read (digest,
+dtype, width, finite values); a damaged one is unregistered and its texts recomputed. Vectors
+are returned exactly as stored (re-normalised after float16), so a first and a repeated
+evaluation give identical numbers.
 """
 
 from __future__ import annotations
@@ -27,25 +35,21 @@ import gc
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from flame.errors import FlameError
-from flame.fileio import write_atomic
 from flame.prompts import DEFAULT_MAX_CAPTION_TOKENS, PROMPT_SETS, PromptSet, load_prompt_set
+from flame.store.textcache import CACHE_VERSION, DamagedChunk, TextCache
+
+_Space = TextCache  # the name tests and older callers use
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-CACHE_DTYPE = np.float16
 CHUNK = 512  # captions encoded (and written to the cache) per step: a killed job keeps its finished chunks
-COMPACT_AT = 64  # merge a space's chunks into one when more than this many exist
 
 
 def default_cache_dir() -> Path:
@@ -58,126 +62,6 @@ def _layers(value) -> list[int]:
     if value is None:
         return [-2]
     return [int(value)] if isinstance(value, int | float | str) else [int(v) for v in value]
-
-
-class _Space:
-    """The cached vectors of one text space: an in-memory caption -> (chunk, row) index over
-    memory-mapped chunk files, refreshed from disk when a lookup misses."""
-
-    def __init__(self, folder: Path, description: dict):
-        self.folder = folder
-        self.description = description
-        self.index: dict[str, tuple[str, int]] = {}
-        self.arrays: dict[str, np.ndarray] = {}
-        self.seen: dict[str, int] = {}  # complete chunks indexed so far -> their row count
-
-    def refresh(self) -> None:
-        if not self.folder.is_dir():
-            return
-        for keys_file in sorted(self.folder.glob("*.keys.json")):
-            name = keys_file.name[: -len(".keys.json")]
-            if name in self.seen or not (self.folder / f"{name}.npy").is_file():
-                continue
-            try:
-                keys = json.loads(keys_file.read_text())
-            except (OSError, ValueError):
-                continue  # removed by a compaction between glob and read
-            self.seen[name] = len(keys)
-            for row, caption in enumerate(keys):
-                self.index.setdefault(caption, (name, row))
-
-    def _array(self, name: str) -> np.ndarray:
-        if name not in self.arrays:
-            path = self.folder / f"{name}.npy"
-            try:
-                arr = np.load(path, mmap_mode="r")
-                ok = arr.ndim == 2 and arr.shape[0] == self.seen.get(name, arr.shape[0])
-            except ValueError:
-                ok = False
-            if not ok:
-                raise FlameError(f"text cache chunk {path} is damaged; delete it and {name}.keys.json to recompute")
-            self.arrays[name] = arr
-        return self.arrays[name]
-
-    def missing(self, captions: Sequence[str]) -> list[str]:
-        unique = list(dict.fromkeys(captions))
-        if any(c not in self.index for c in unique):
-            self.refresh()
-        return [c for c in unique if c not in self.index]
-
-    def get(self, captions: Sequence[str], retry: bool = True) -> np.ndarray:
-        """float32 [n, D] for captions that are all in the index."""
-        rows_by_chunk: dict[str, list[tuple[int, int]]] = {}
-        for i, c in enumerate(captions):
-            name, row = self.index[c]
-            rows_by_chunk.setdefault(name, []).append((i, row))
-        out = None
-        for name, pairs in rows_by_chunk.items():
-            try:
-                arr = self._array(name)
-            except FileNotFoundError:  # compacted away by another process: rebuild the index once
-                if not retry:
-                    raise
-                self.index.clear()
-                self.seen.clear()
-                self.arrays.clear()
-                self.refresh()
-                return self.get(captions, retry=False)
-            idx = np.array([r for _, r in pairs])
-            order = np.argsort(idx, kind="stable")
-            vals = np.asarray(arr[idx[order]], dtype=np.float32)
-            if out is None:
-                out = np.empty((len(captions), arr.shape[1]), dtype=np.float32)
-            out[np.array([pairs[j][0] for j in order])] = vals
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
-
-    def add(self, captions: list[str], vectors: np.ndarray) -> None:
-        """Write one chunk (atomically: array first, keys last) and index it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / "space.json").is_file():
-            try:
-                write_atomic(self.folder / "space.json", json.dumps(self.description, indent=2, ensure_ascii=False))
-            except FileNotFoundError:  # another process wrote it at the same moment (same temporary name)
-                pass
-        name = f"chunk-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._write(name, captions, vectors)
-        self.seen[name] = len(captions)
-        for row, c in enumerate(captions):
-            self.index.setdefault(c, (name, row))
-        if sum(n < CHUNK for n in self.seen.values()) > COMPACT_AT:
-            self.compact()
-
-    def _write(self, name: str, captions: list[str], vectors: np.ndarray) -> None:
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(vectors, dtype=CACHE_DTYPE))
-        write_atomic(self.folder / f"{name}.npy", buf.getvalue())
-        write_atomic(self.folder / f"{name}.keys.json", json.dumps(captions, ensure_ascii=False))
-
-    def compact(self) -> None:
-        """Merge the small chunks (many short calls leave many) into one; full chunks stay.
-        Old chunks are removed after the merged one is complete. A reader holding an old
-        chunk's memory map keeps reading it (POSIX unlink semantics); one that had not opened
-        it yet rebuilds its index (see `get`)."""
-        self.refresh()
-        small = {n for n, rows in self.seen.items() if rows < CHUNK}
-        captions = [c for c, (n, _) in self.index.items() if n in small]
-        if len(small) < 2 or not captions:
-            return
-        try:
-            vectors = self.get(captions)
-        except (FileNotFoundError, KeyError):  # another process is compacting the same chunks
-            return
-        name = f"merged-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._write(name, captions, vectors)
-        for o in small:
-            (self.folder / f"{o}.keys.json").unlink(missing_ok=True)
-            (self.folder / f"{o}.npy").unlink(missing_ok=True)
-            self.seen.pop(o, None)
-            self.arrays.pop(o, None)
-        self.seen[name] = len(captions)
-        self.index.update({c: (name, row) for row, c in enumerate(captions)})
 
 
 class TextEncoder:
@@ -208,16 +92,33 @@ class TextEncoder:
         self.device = device
         self.force = force
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        # The LLM's identity in cache keys: the recorded fingerprint (a matching LLM is checked on
-        # load), else the spec. A forced override may be other weights, so it is keyed by its spec.
-        if self.recorded_fingerprint and not (force and llm):
-            self.identity = f"fingerprint:{self.recorded_fingerprint}"
-        else:
-            self.identity = f"spec:{self.spec}"
+        self.llm_given = llm is not None  # a spec read from the model folder is never downloaded
+        self._identity: str | None = None
         self._llm = None  # (model, tokenizer) while loaded
         self._encoders: dict[str, object] = {}
-        self._spaces: dict[str, _Space] = {}
+        self._spaces: dict[str, TextCache] = {}
         self.loads = 0  # how many times an LLM was loaded by this encoder
+
+    @property
+    def identity(self) -> str:
+        """The LLM's identity in cache keys: the recorded fingerprint when no LLM is forced (the
+        LLM loaded is checked against it); else (forced, with or without --llm, or no fingerprint
+        recorded) the content key of the weights the spec names (`flame.llm.weights_key`), so
+        other or replaced weights never share vectors. A hub id not cached yet is loaded first."""
+        if self._identity is None:
+            if self.recorded_fingerprint and not self.force:
+                self._identity = f"fingerprint:{self.recorded_fingerprint}"
+            else:
+                from flame.llm import weights_key
+
+                key = weights_key(self.spec)
+                if key is None:
+                    self._load()  # a hub id: downloads only when the user named it (llm_given)
+                    key = weights_key(self.spec)
+                if key is None:
+                    raise FlameError(f"cannot identify the weights of LLM {self.spec!r} on this machine")
+                self._identity = f"weights:{key}"
+        return self._identity
 
     # ---- prompt sets ---------------------------------------------------------------------
     def prompt_set(self, prompts: str | PromptSet) -> PromptSet:
@@ -246,13 +147,13 @@ class TextEncoder:
                if self.max_caption_tokens != DEFAULT_MAX_CAPTION_TOKENS else {}),
         }
 
-    def _space(self, prompts: str | PromptSet) -> _Space:
+    def _space(self, prompts: str | PromptSet) -> TextCache:
         desc = self.space_description(prompts)
-        key = hashlib.sha256(json.dumps(desc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
+        blob = json.dumps(desc, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        key = hashlib.sha256(blob).hexdigest()[:20]
         if key not in self._spaces:
-            space = _Space(self.cache_dir / key, desc)
-            space.refresh()
-            self._spaces[key] = space
+            dim = self.text.get("dim")
+            self._spaces[key] = TextCache(self.cache_dir / key, desc, int(dim) if dim else None)
         return self._spaces[key]
 
     # ---- the LLM -------------------------------------------------------------------------
@@ -264,7 +165,7 @@ class TextEncoder:
         if self._llm is None:
             from flame.llm import legacy_llm_fingerprint, llm_fingerprint, load_llm
 
-            model, tokenizer = load_llm(self.spec, device=self.device)
+            model, tokenizer = load_llm(self.spec, device=self.device, allow_download=self.llm_given)
             self.loads += 1
             if self.recorded_fingerprint:
                 found = llm_fingerprint(model)
@@ -321,6 +222,18 @@ class TextEncoder:
             raise FlameError("encode_text takes a list of strings")
         ps = self.prompt_set(prompts)
         space = self._space(ps)
+        forgotten: set[str] = set()
+        while True:
+            try:
+                return self._encode(texts, ps, space, progress)
+            except DamagedChunk as e:  # recompute that chunk's texts (its file is left as it is)
+                if e.chunk in forgotten:
+                    raise
+                log.warning("%s: recomputing its texts", e)
+                forgotten.add(e.chunk)
+                space.forget(e.chunk)
+
+    def _encode(self, texts: list[str], ps: PromptSet, space: TextCache, progress: bool) -> torch.Tensor:
         todo = space.missing(texts)
         if todo:
             encoder = self._encoder(ps)
@@ -334,6 +247,10 @@ class TextEncoder:
                 part = todo[start : start + CHUNK]
                 facets = encoder.encode(part)  # [n, K, D] unnormalised
                 vectors = F.normalize(facets.float().mean(dim=1), dim=-1)
+                bad = (~torch.isfinite(vectors).all(dim=1)).nonzero()
+                if len(bad):
+                    raise FlameError(f"the LLM gave a vector that is not finite for text {part[int(bad[0])]!r} "
+                                     f"(not cached; try another --llm-dtype/device)")
                 space.add(part, vectors.numpy())
                 if bar is not None:
                     bar.update(len(part))

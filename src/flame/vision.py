@@ -52,9 +52,111 @@ class TowerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TowerConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, d: dict, where: str = "tower") -> TowerConfig:
+        """A saved config's "tower" block, every value checked for its type and range first (a
+        model folder may come from anyone: see `check_tower_kwargs` and `check_tower_cost`)."""
+        if not isinstance(d, dict):
+            raise FlameError(f"{where} must be an object, not {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise FlameError(f"{where} has unknown key {unknown[0]!r} (known: {', '.join(cls.__dataclass_fields__)})")
+        if not isinstance(d.get("tower"), str):
+            raise FlameError(f"{where}.tower must be a tower name (a string), not {d.get('tower')!r}")
+        _check_int(d.get("embed_dim"), f"{where}.embed_dim", 1, MAX_DIM)
+        if d.get("proj_hidden") is not None:
+            _check_int(d["proj_hidden"], f"{where}.proj_hidden", 1, MAX_DIM)
+        if not isinstance(d.get("pool_first", False), bool):
+            raise FlameError(f"{where}.pool_first must be true or false, not {d['pool_first']!r}")
+        if d.get("image_size") is not None:
+            _check_int(d["image_size"], f"{where}.image_size", 8, MAX_IMAGE_SIZE)
+        kwargs = d.get("tower_kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise FlameError(f"{where}.tower_kwargs must be an object, not {type(kwargs).__name__}")
+        check_tower_name(d["tower"])
+        check_tower_kwargs(d["tower"], kwargs, f"{where}.tower_kwargs")
+        return cls(**d)
+
+
+# -- what a saved config may ask for (it may come from a stranger) ------------------------------
+MAX_DIM = 65_536  # embed_dim / proj_hidden (the widest LLMs have 16,384)
+MAX_IMAGE_SIZE = 4_096
+MAX_TOKENS = 16_384  # patch tokens per image (a 2,048-pixel image at patch 16)
+MAX_PARAMETERS = 4_000_000_000  # trunk + projector: 16 GB in float32 (OpenCLIP's ViT-bigG-14 trunk: 1.8B)
+# tower_kwargs a config may set, by builder kind: options that shape the architecture, plain
+# values only. Anything else (timm's checkpoint_path / pretrained / pretrained_cfg*, which read
+# files or the network, layer classes, ...) is refused.
+_INT, _NUM, _BOOL = (int,), (int, float), (bool,)
+TOWER_KWARGS: dict[str, dict[str, tuple]] = {
+    "open_clip": {"patch_size": _INT, "width": _INT, "layers": _INT, "heads": _INT, "mlp_ratio": _NUM},
+    "timm": {"patch_size": _INT, "embed_dim": _INT, "depth": _INT, "num_heads": _INT, "mlp_ratio": _NUM,
+             "qkv_bias": _BOOL, "qk_norm": _BOOL, "class_token": _BOOL, "no_embed_class": _BOOL,
+             "reg_tokens": _INT, "pre_norm": _BOOL, "dynamic_img_size": _BOOL, "init_values": _NUM,
+             "drop_rate": _NUM, "attn_drop_rate": _NUM, "drop_path_rate": _NUM},
+}
+
+# upper bounds checked before the cost is computed (a depth of 10^5 would take minutes even on meta)
+_KWARG_MAX = {"patch_size": 1024, "width": MAX_DIM, "embed_dim": MAX_DIM, "layers": 1024, "depth": 1024,
+              "heads": 1024, "num_heads": 1024, "mlp_ratio": 64, "reg_tokens": 1024}
+
+
+def _check_int(value, where: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FlameError(f"{where} must be a whole number from {low:,} to {high:,}, not {value!r}")
+
+
+def check_tower_kwargs(tower: str, kwargs: dict, where: str = "tower_kwargs") -> None:
+    """Refuse a tower option that is not a known architecture option of its builder, or whose
+    value is not a plain number/boolean of the expected kind (see TOWER_KWARGS)."""
+    kind = "timm" if tower.partition(":")[1] else "open_clip"
+    allowed = TOWER_KWARGS[kind]
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise FlameError(
+                f"{where}: option {key!r} is refused (a model config may set only {', '.join(allowed)} "
+                f"for a {kind} tower; file, network and code options are never passed on)"
+            )
+        types = allowed[key]
+        if isinstance(value, bool) != (types == _BOOL) or not isinstance(value, types):
+            kind_name = "true or false" if types == _BOOL else "a number"
+            raise FlameError(f"{where}.{key} must be {kind_name}, not {value!r}")
+        if key.endswith("_rate") or key == "init_values":
+            low, high = 0, 1
+        else:
+            low, high = 0 if key == "reg_tokens" else 1, _KWARG_MAX.get(key, 1)
+        if types != _BOOL and not low <= value <= high:
+            raise FlameError(f"{where}.{key} must be from {low} to {high:,}, not {value!r}")
+
+
+def check_tower_cost(config: TowerConfig) -> None:
+    """Refuse a tower whose size is absurd before any memory is given to it: the trunk is built
+    on the meta device (shapes only, no storage) and its parameters plus the projector's, and
+    its patch tokens per image, are held to MAX_PARAMETERS and MAX_TOKENS."""
+    try:
+        with torch.device("meta"):
+            trunk = build_trunk(config.tower, image_size=config.image_size, **config.tower_kwargs)
+    except FlameError:
+        raise
+    except Exception as e:  # the builders assert / raise many types for inconsistent geometry
+        raise FlameError(f"cannot build tower {config.tower!r} with {config.tower_kwargs}: {e}") from e
+    width, hidden, dim = trunk.width, config.hidden, config.embed_dim
+    params = sum(p.numel() for p in trunk.parameters()) + width * hidden + hidden + hidden * dim + 3 * dim
+    tokens = _patch_tokens(trunk)
+    if params > MAX_PARAMETERS:
+        raise FlameError(
+            f"tower {config.tower!r} (width {width}, projector {width}->{hidden}->{dim}) would have "
+            f"{params:,} parameters; more than the {MAX_PARAMETERS:,} a FLAME tower may have"
+        )
+    if tokens > MAX_TOKENS:
+        raise FlameError(f"tower {config.tower!r} would see {tokens:,} patch tokens per image "
+                         f"(image size {trunk.image_size}); at most {MAX_TOKENS:,}")
+
+
+def _patch_tokens(trunk: Trunk) -> int:
+    if isinstance(trunk, OpenClipTrunk):
+        grid = trunk.vit.grid_size
+    else:
+        grid = trunk.model.patch_embed.grid_size
+    return int(grid[0]) * int(grid[1])
 
 
 class Trunk(nn.Module):
@@ -107,6 +209,7 @@ class TimmTrunk(Trunk):
         super().__init__()
         import timm
 
+        check_tower_kwargs(f"timm:{name}", kwargs)
         if not timm.list_models(name):
             raise FlameError(f"unknown timm model {name!r} (see timm.list_models())")
         if image_size:
@@ -182,6 +285,7 @@ def check_tower_name(name: str) -> None:
 
 def build_trunk(name: str, image_size: int | None = None, **overrides) -> Trunk:
     check_tower_name(name)
+    check_tower_kwargs(name, overrides)
     prefix, sep, rest = name.partition(":")
     if sep and prefix in TOWER_PREFIXES:
         return TOWER_PREFIXES[prefix](rest, image_size=image_size, **overrides)
@@ -202,6 +306,7 @@ class ImageTower(nn.Module):
     def __init__(self, config: TowerConfig):
         super().__init__()
         self.config = config
+        check_tower_cost(config)
         self.trunk = build_trunk(config.tower, image_size=config.image_size, **config.tower_kwargs)
         self.projector = Projector(self.trunk.width, config.hidden, config.embed_dim)
 

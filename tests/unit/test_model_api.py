@@ -275,9 +275,10 @@ def test_unload_frees_the_llm(text, tmp_path):
 
 def test_cache_chunks_compact_and_stay_readable_by_other_readers(tmp_path, monkeypatch):
     """The cache's storage without any LLM: many small writes, compaction, a second reader."""
+    import flame.store.textcache as tc
     import flame.textenc as te
 
-    monkeypatch.setattr(te, "COMPACT_AT", 3)
+    monkeypatch.setattr(tc, "COMPACT_AT", 3)
     rng = np.random.default_rng(0)
     writer = te._Space(tmp_path / "space", {"test": 1})
     reader = te._Space(tmp_path / "space", {"test": 1})
@@ -323,9 +324,10 @@ def _vector_of(caption: str) -> np.ndarray:
 
 
 def _writer_process(folder: str, start: int) -> None:
+    import flame.store.textcache as tc
     import flame.textenc as te
 
-    te.COMPACT_AT = 3  # compact often, while the other process reads and writes
+    tc.COMPACT_AT = 3  # compact often, while the other process reads and writes
     space = te._Space(Path(folder), {"test": 1})
     for i in range(start, start + 30):
         caps = [f"caption {(i + j) % 45:04d}" for j in range(4)]  # overlaps the other writer's captions
