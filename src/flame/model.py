@@ -126,7 +126,10 @@ def check_text_side(text, where: str = "text") -> dict:
 
 
 def _to_rgb(image):
-    return image.convert("RGB")
+    """As every decode path sees a photo: EXIF orientation applied, 16-bit greyscale scaled."""
+    from flame.data.images import as_rgb
+
+    return as_rgb(image)
 
 
 class FlameModel(nn.Module):

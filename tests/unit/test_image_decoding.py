@@ -145,3 +145,18 @@ def test_an_oversized_file_is_not_read(tmp_path, monkeypatch):
         images.read_image_file(big, max_bytes=len(buf.getvalue()) - 1)
     with pytest.raises(images.UndecodableImage, match="not a regular file"):
         images.read_image_file(tmp_path)
+
+
+def test_model_preprocess_of_a_pil_photo_stands_it_up_and_scales_16_bit():
+    """`model.preprocess(Image.open(...))` (the Python API) decodes as evaluation does."""
+    from flame.model import _to_rgb
+
+    stored = Image.fromarray(np.zeros((48, 64, 3), np.uint8))  # 64 wide, 48 high as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees to view: a phone portrait
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", exif=exif)
+    buf.seek(0)
+    assert _to_rgb(Image.open(buf)).size == (48, 64)
+    grey = Image.fromarray(np.full((4, 4), 30000, np.uint16))
+    assert np.asarray(_to_rgb(grey))[0, 0].tolist() == [round(30000 * 255 / 65535)] * 3
