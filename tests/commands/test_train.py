@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from support.commands import TORCHRUN_2
 from support.training import TINY, bag_of_words_store, heldout_r1
 
 from flame.cli import main as flame_main
@@ -336,8 +337,7 @@ def test_torchrun_two_processes_train_and_resume(small_set, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(*extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", "localhost:0", "-m", "flame", "train",
+        cmd = [*TORCHRUN_2, "-m", "flame", "train",
                *_base(small_set, out, "--steps", "4", "--log-every", "2", "--save-every", "2", "--keep", "0",
                       "--warmup", "1", "--deterministic", *extra)]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -9,12 +9,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from support.commands import TORCHRUN_2
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "v0"
 
@@ -46,8 +46,7 @@ def test_ranks_that_see_different_latest_checkpoints_stop_before_training(tmp_pa
     script = tmp_path / "lagging.py"
     script.write_text(LAGGING)
     args = json.loads((FIXTURES / "expected.json").read_text())["run"]["train_args"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", str(script), "train", *args, "--resume", "--force"]
+    cmd = [*TORCHRUN_2, str(script), "train", *args, "--resume", "--force"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from support.commands import run_flame
+from support.commands import TORCHRUN_2, run_flame
 from support.towers import put_in_hub_cache, save_open_clip, tiny_clip, trunk_keys_of_clip
 from support.training import TINY, make_set, weights
 
@@ -119,8 +118,7 @@ def test_torchrun_two_processes_with_a_partly_locked_trunk(hub, tmp_path):
     projector and leave the rest of the pretrained trunk as it was."""
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_CACHE=str(hub["cache"]), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", "-m", "flame",
+    cmd = [*TORCHRUN_2, "-m", "flame",
            *map(str, _argv(hub["root"], out, "--steps", "3", "--warmup", "1", "--tower-init", f"hf-hub:{REPO}",
                            "--lock-image-unlocked", "1"))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

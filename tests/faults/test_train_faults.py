@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.commands import TORCHRUN_2
 from support.training import FILES, TINY, make_set, weights
 
 from flame.cli import main as flame_main
@@ -216,8 +217,7 @@ def test_weights_that_overflow_are_never_saved(data, tmp_path, capsys, monkeypat
 # 4. an error on one torchrun rank inside the loop stops the whole job promptly
 # ---------------------------------------------------------------------------------------
 def torchrun(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", "-m", "flame", *args]
+    cmd = [*TORCHRUN_2, "-m", "flame", *args]
     return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -254,8 +254,7 @@ def test_full_disk_on_rank_0_under_torchrun_stops_every_rank(data, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", "-m", "flame", *argv(data, out, "--steps", "4", "--save-every", "2")]
+    cmd = [*TORCHRUN_2, "-m", "flame", *argv(data, out, "--steps", "4", "--save-every", "2")]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=150, preexec_fn=small_disk)
     text = proc.stdout + proc.stderr

@@ -3,9 +3,14 @@ error line (exactly one, never a traceback)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from flame.cli import main
+
+# two local processes, rendezvous on a free port: append a script and its arguments, or `-m flame ...`
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", "localhost:0"]
 
 
 @dataclass

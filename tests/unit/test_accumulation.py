@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from support.accumulation import join, make_trainer, one_step, rel
+from support.commands import TORCHRUN_2
 from support.training import make_set
 
 LOSSES = ["mp-sigmoid", "mp-softmax", "siglip", "clip"]
@@ -79,8 +79,7 @@ def test_two_processes_accumulated_step_equals_one_process_on_both_ranks_samples
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), tests) if p))
     b = B // 2  # two ranks x 2 x 4 accum = the 16 of one process
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", str(script), str(data), str(out), str(b), str(ACCUM), ",".join(LOSSES)]
+    cmd = [*TORCHRUN_2, str(script), str(data), str(out), str(b), str(ACCUM), ",".join(LOSSES)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]

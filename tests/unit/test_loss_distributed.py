@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from support.commands import TORCHRUN_2
 
 WORKER = textwrap.dedent(
     """
@@ -55,8 +55,7 @@ def test_two_process_loss_and_grads_equal_single_process(tmp_path):
     script.write_text(WORKER)
     out = tmp_path / "out.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", str(script), str(out)]
+    cmd = [*TORCHRUN_2, str(script), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = torch.load(out, weights_only=False)

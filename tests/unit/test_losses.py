@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from support.commands import TORCHRUN_2
 
 from flame.loss import LOSSES, ClipLoss, MultiPositiveSoftmaxLoss, SigLipLoss, make_loss
 
@@ -151,8 +151,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     script.write_text(WORKER)
     out = tmp_path / "out.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "localhost:0", str(script), str(out)]
+    cmd = [*TORCHRUN_2, str(script), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = torch.load(out, weights_only=False)
