@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flame.config import at_least, setting
 from flame.errors import FlameError
-from flame.evaluate.task_names import canonical_task
+from flame.evaluate.task_names import MAX_UNREADABLE, PROBE, canonical_task
 
 log = logging.getLogger("flame.evaluate")
 
@@ -75,20 +75,20 @@ class Config:
     embeddings: str | None = setting(None, metavar="STORE", group="what",
                                      help="--prepare: take the text side from this embedding store")
     progress: bool = setting(True, negate="--no-progress", group="running", help="no progress bars")
-    max_unreadable: float = setting(0.1, metavar="FRACTION", group="running",
+    max_unreadable: float = setting(MAX_UNREADABLE, metavar="FRACTION", group="running",
                                     check=(lambda v: 0 <= v <= 1, "must be between 0 and 1"),
                                     help="share of a split's images that may be unreadable (skipped and counted); "
                                          "more is refused")
     # --- linear probe (issue 16.4): CLIP_benchmark's protocol by default, the L-BFGS fit on request
-    probe: str = setting("clip-benchmark", choices=("clip-benchmark", "lbfgs"), group="linear probe",
+    probe: str = setting(PROBE["method"], choices=("clip-benchmark", "lbfgs"), group="linear probe",
                          help="clip-benchmark: a linear layer trained with AdamW and a cosine lr (CLIP_benchmark's "
                               "protocol); lbfgs: L-BFGS logistic regression with a weight-decay search on a "
                               "stratified 20%% of train")
-    probe_lr: float = setting(0.1, check=(lambda v: v > 0, "must be > 0"), group="linear probe",
+    probe_lr: float = setting(PROBE["lr"], check=(lambda v: v > 0, "must be > 0"), group="linear probe",
                               help="clip-benchmark: the AdamW learning rate (CLIP_benchmark's --fewshot_lr)")
-    probe_epochs: int = setting(20, check=at_least(1), group="linear probe",
+    probe_epochs: int = setting(PROBE["epochs"], check=at_least(1), group="linear probe",
                                 help="clip-benchmark: epochs (--fewshot_epochs)")
-    probe_batch_size: int = setting(512, check=at_least(1), group="linear probe",
+    probe_batch_size: int = setting(PROBE["batch_size"], check=at_least(1), group="linear probe",
                                     help="clip-benchmark: features per batch (--batch_size)")
     probe_val_split: str | None = setting(None, metavar="SPLIT", group="linear probe", shown="none",
                                           help="clip-benchmark: search the weight decay on this split of the "
@@ -97,7 +97,7 @@ class Config:
         None, metavar="P", group="linear probe", shown="none",
         check=(lambda v: v is None or 0 < v < 1, "must be between 0 and 1"),
         help="clip-benchmark: search the weight decay on a random share P of train (--val_proportion)")
-    probe_seed: int = setting(0, group="linear probe", help="the probe's seed (CLIP_benchmark's --seed)")
+    probe_seed: int = setting(PROBE["seed"], group="linear probe", help="the probe's seed (CLIP_benchmark's --seed)")
 
     def check(self) -> None:
         """The rules between settings, all before a dataset, model or LLM is read."""

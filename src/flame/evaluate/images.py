@@ -2,7 +2,7 @@
 model's evaluation transform, encoded in batches, cached on disk.
 
 An image that cannot be read or decoded is skipped and counted (`ok` is False for it), never
-fatal here (the task decides how many it accepts: flame.evaluate.tasks.MAX_UNREADABLE). Files are
+fatal here (the task decides how many it accepts: flame.evaluate.task_names.MAX_UNREADABLE). Files are
 read by flame.data.images.read_image_file (regular files only, size-capped), tar members only
 under the same cap (`member_problem`).
 

@@ -34,14 +34,13 @@ from flame.errors import FlameError
 from flame.evaluate import metrics as M
 from flame.evaluate.datasets import EvalDataset, check_not_empty, load_dataset
 from flame.evaluate.images import SplitVectors, split_vectors
+from flame.evaluate.task_names import MAX_UNREADABLE, PROBE, canonical_task
 from flame.evaluate.task_names import TASKS as TASKS  # re-exported: the names live in task_names
-from flame.evaluate.task_names import canonical_task
 
 log = logging.getLogger("flame.evaluate")
 
 LONG_WORDS = 8  # mean caption length (words) from which a caption set counts as long text
 CARVE_TEST = 0.5  # share of a single-split dataset kept for testing a linear probe
-MAX_UNREADABLE = 0.1  # share of a split's images that may be unreadable before an evaluation is refused
 
 
 def default_task(ds: EvalDataset) -> str:
@@ -165,8 +164,6 @@ def _readable(model, ds: EvalDataset, split: str, kind: str, img: dict) -> Split
     return vec
 
 
-PROBE = {"method": "clip-benchmark", "lr": 0.1, "epochs": 20, "batch_size": 512, "val_split": None,
-         "val_proportion": None, "seed": 0}
 
 
 def _ok_rows(vec: SplitVectors) -> np.ndarray:
