@@ -46,6 +46,12 @@ class Config:
     task: str | None = setting(None, group="what", shown="by the dataset",
                                help="zeroshot-classification | retrieval | linear-probe")
     dataset: str | None = setting(None, metavar="PATH", group="what", help="dataset folder or CSV/JSONL file")
+    benchmark: str | None = setting(None, metavar="NAME", group="what",
+                                    help="one of the paper's benchmarks as distributed (EVAL.md), read from "
+                                         "--dataset ROOT with its own protocol; see the README for the names")
+    allow_missing: bool = setting(False, group="what",
+                                  help="--benchmark: evaluate the images that are there (recorded in the results) "
+                                       "instead of refusing an incomplete set")
     suite: str | None = setting(None, metavar="FILE", group="what",
                                 help="YAML list of {dataset, task, language?, prompts?, name?, dataset_name?, "
                                      "templates?}")
@@ -105,6 +111,11 @@ class Config:
             canonical_task(self.task)
         if self.probe_val_split and self.probe_val_proportion:
             raise FlameError("give --probe-val-split or --probe-val-proportion, not both")
+        if self.allow_missing and not self.benchmark:
+            raise FlameError("--allow-missing is for --benchmark NAME")
+        if self.benchmark:
+            self._check_benchmark()
+            return
         if self.suite and self.dataset:
             raise FlameError("give --dataset or --suite, not both")
         if not self.suite and not self.dataset:
@@ -117,6 +128,17 @@ class Config:
             raise FlameError("--prepare takes --model or --embeddings, not both")
         if not self.model and not self.embeddings:
             raise FlameError("--prepare needs --model M or --embeddings STORE (the text side to encode with)")
+
+    def _check_benchmark(self) -> None:
+        from flame.evaluate.benchmark import get
+
+        get(self.benchmark)
+        if self.suite or self.prepare:
+            raise FlameError("--benchmark NAME runs on its own: not with --suite or --prepare")
+        if not self.dataset:
+            raise FlameError(f"--benchmark {self.benchmark} needs --dataset ROOT (the benchmark as distributed)")
+        if not self.model:
+            raise FlameError("--model is required (a run folder or a checkpoint folder)")
 
 
 def _entries(cfg: Config) -> list:
@@ -154,32 +176,58 @@ def check_output(output: str | None) -> None:
 
 def main(cfg: Config) -> int:
     check_output(cfg.output)
+    if cfg.benchmark:
+        return run_benchmark(cfg)
     entries = _entries(cfg)
     if cfg.prepare:
         return prepare(cfg, entries)
     results = run_entries(cfg, entries)
     print(format_table(results))
+    write_results(cfg, results[0] if len(results) == 1 and not cfg.suite else results)
+    return 0
+
+
+def load_model(cfg: Config):
+    from flame.distributed import resolve_device
+    from flame.model import FlameModel
+
+    device = resolve_device(cfg.device)
+    return FlameModel.from_pretrained(cfg.model, device=device, llm=cfg.llm,
+                                      llm_device=cfg.llm_device or str(device), force_llm=cfg.force_llm)
+
+
+def write_results(cfg: Config, results) -> None:
     if cfg.output:
         from flame.fileio import write_atomic
 
         out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out, json.dumps(results[0] if len(results) == 1 and not cfg.suite else results, indent=2)
-                     + "\n")
+        write_atomic(out, json.dumps(results, indent=2) + "\n")
         print(f"results in {out}")
+
+
+def run_benchmark(cfg: Config) -> int:
+    """`--benchmark NAME`: the set read and checked in full, then one model load."""
+    from flame.evaluate.benchmark import Options, get, read_benchmark
+
+    opts = Options(allow_missing=cfg.allow_missing, batch_size=cfg.batch_size, workers=cfg.workers,
+                   progress=cfg.progress, max_unreadable=cfg.max_unreadable,
+                   languages=tuple(cfg.language.split(",")) if cfg.language else None)
+    data = read_benchmark(cfg.benchmark, cfg.dataset, opts)
+    model = load_model(cfg)
+    results = [{"benchmark": cfg.benchmark, **r} for r in get(cfg.benchmark).evaluate(model, data, opts)]
+    model.text_encoder.unload()
+    print(format_table(results))
+    write_results(cfg, results)
     return 0
 
 
 def run_entries(cfg: Config, entries: list) -> list[dict]:
     """Every entry's result (CLIP_benchmark's shape plus `name`), with one model load."""
-    from flame.distributed import resolve_device
     from flame.evaluate.tasks import evaluate
-    from flame.model import FlameModel
 
     datasets = [checked(e) for e in entries]  # every dataset problem before the model is loaded
-    device = resolve_device(cfg.device)
-    model = FlameModel.from_pretrained(cfg.model, device=device, llm=cfg.llm,
-                                       llm_device=cfg.llm_device or str(device), force_llm=cfg.force_llm)
+    model = load_model(cfg)
     results = []
     for e, ds in zip(entries, datasets):
         result = evaluate(model, ds, e.task, e.prompts, batch_size=cfg.batch_size, workers=cfg.workers,
