@@ -204,7 +204,7 @@ class ClipTrainer(Trainer):
     def record(self, step: int) -> dict:
         return {"step": step, "loss": self.meter.mean_loss(), "lr": self.schedulers[0].get_last_lr()[0],
                 "logit_scale": self.text.logit_scale.exp().item(),
-                "images_per_s": self.meter.images_per_s(step, self.global_batch)}
+                "images_per_s": self.meter.images_per_s(step, self.global_batch), "nonfinite": self.guard.logged()}
 
     def report(self, record: dict) -> None:
         if self.on_log:

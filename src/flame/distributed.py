@@ -96,9 +96,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> torch.device:
+def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(minutes=30),
+         control: bool | None = None) -> torch.device:
     """Initialise the process group from torchrun's env (nccl on CUDA, gloo on CPU) and
-    return this process's device. `timeout` bounds how long ranks wait for each other."""
+    return this process's device. `timeout` bounds how long ranks wait for each other.
+    `control`: a separate gloo group for the error agreements (`first_error`, `decide`), so that
+    they never queue behind GPU work; default: with nccl. On hosts with several network
+    interfaces gloo may need GLOO_SOCKET_IFNAME (as NCCL needs NCCL_SOCKET_IFNAME)."""
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -106,7 +110,7 @@ def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
-        if backend != "gloo":
+        if control if control is not None else backend != "gloo":
             global _control
             _control = dist.new_group(backend="gloo", timeout=timeout)
     return dev

@@ -218,10 +218,12 @@ def load_image(
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [B,3,S,S] -> float32 normalised, on the images' device."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+def normalize_images(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                     std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,S,S] -> float32 normalised, on the images' device (mean/std: lists, or tensors
+    already there, which cost no copy)."""
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
     return (images.float().div_(255.0) - mean_t) / std_t
 
 

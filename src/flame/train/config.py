@@ -113,8 +113,10 @@ class TrainConfig:
     lock_image_unlocked: int = setting(0, check=at_least(0), metavar="N", group="model",
                                        help="leave the trunk's last N blocks (and final norm, if any) trainable "
                                             "(implies --lock-image)")
-    grad_checkpointing: bool | None = setting(None, optional_value=True, metavar="BOOL", shown="on for CUDA",
-                                              group="model", help="activation checkpointing in the trunk")
+    grad_checkpointing: bool | None = setting(None, optional_value=True, metavar="BOOL", shown="off",
+                                              group="model",
+                                              help="activation checkpointing in the trunk: less memory, about a "
+                                                   "quarter slower steps; for towers whose activations do not fit")
     # loss
     facets: str = setting("all", group="loss",
                           help="eligible positives: all, prompt sets (short,long) or indices (0,2-5)")

@@ -175,13 +175,17 @@ class Meter:
 
     def reset(self, step: int) -> None:
         self.t, self.step = time.perf_counter(), step
-        self.loss_sum, self.loss_n = torch.zeros((), device=self.device), 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_n = torch.zeros((), dtype=torch.int64, device=self.device)
 
-    def add(self, loss: torch.Tensor, micro_batches: int) -> None:
-        self.loss_sum, self.loss_n = self.loss_sum + loss, self.loss_n + micro_batches
+    def add(self, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+        """A step's loss, left out when `skipped` (a device flag: no host sync)."""
+        self.loss_sum = self.loss_sum + torch.where(skipped.bool(), torch.zeros_like(loss), loss)
+        self.loss_n = self.loss_n + (1 - skipped)
 
     def mean_loss(self) -> float | None:
-        return float(dist.all_reduce_mean(self.loss_sum / self.loss_n)) if self.loss_n else None
+        n = int(self.loss_n)  # the same on every rank (the skip flag is agreed)
+        return float(dist.all_reduce_mean(self.loss_sum / n)) if n else None
 
     def images_per_s(self, step: int, global_batch: int) -> float:
         return (step - self.step) * global_batch / max(1e-9, time.perf_counter() - self.t)

@@ -22,7 +22,7 @@ from flame.runfolder import checkpoint_name
 from flame.train import accumulate
 from flame.train.checkpoint import clean_temporaries, save_checkpoint, start_over, write_train_config
 from flame.train.config import TrainConfig
-from flame.train.guard import NonFiniteGuard
+from flame.train.guard import NonFiniteGuard, step_unless
 from flame.train.logger import Console, Logger, Meter
 from flame.train.optim import adamw, param_groups, schedule
 from flame.train.plan import Plan, grad_checkpointing, use_bf16
@@ -49,6 +49,7 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.max_nonfinite, device)
         self.global_batch = cfg.batch_size * cfg.accum * dist.world_size()
         self.last_saved: Path | None = plan.resume_from  # the newest checkpoint with finite weights
+        self.norm: list[torch.Tensor] | None = None  # the images' mean and std on the device
 
     def build(self) -> None:
         """The model, its (DDP) forward, the parameters trained, optimizers, schedules and loss."""
@@ -77,8 +78,8 @@ class Trainer:
         self.ddp.train()
         try:
             while self.state.step < self.plan.steps:
-                skipped = self.train_step(data)
-                self.log(skipped)
+                self.train_step(data)
+                self.log()
                 self.checkpoint()  # first: a failing evaluation can never cost this step's checkpoint
                 self.evaluate()
         finally:
@@ -90,32 +91,25 @@ class Trainer:
         return 0
 
     # -- the four parts of a step ----------------------------------------------------------
-    def train_step(self, data) -> bool:
-        """One optimizer step over `accum` micro-batches, that of the accum-times larger batch;
-        returns whether it was skipped (a non-finite loss or gradient on any rank: no rank steps on it)."""
-        micro = [next_batch(data) for _ in range(self.cfg.accum)]
+    def train_step(self, data) -> None:
+        """One optimizer step over `accum` micro-batches, that of the accum-times larger batch. A
+        non-finite loss or gradient on any rank skips the update on every rank, decided on the
+        device (`flame.train.guard`): no host sync in a step."""
+        micro = next_batches(data, self.cfg.accum)
         for batch in micro:
             self.state.observe(batch["state"])
         step_loss = self.backward(micro)
-        skip = self.guard.skip(step_loss, self.trained)
+        bad = self.guard.flag(step_loss, self.trained)
         self.state.step += 1
-        if skip:
-            self.console.say(self.guard.message(self.state.step))
-            self.guard.check_run(self.state.step, self.last_saved)
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            step_unless(optimizer, bad)
             with warnings.catch_warnings():  # the schedule follows the data: it advances on a skipped step
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                for scheduler in self.schedulers:
-                    scheduler.step()
-        else:
-            for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-                optimizer.step()
                 scheduler.step()
-            self.meter.add(step_loss, 1)
-        for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
+        self.meter.add(step_loss, bad)
         self.after_update()
         self.console.advance(self.global_batch)
-        return skip
 
     def backward(self, micro: list[dict]) -> torch.Tensor:
         """The step's gradients, exactly the full batch's (`flame.train.accumulate`); returns its
@@ -131,10 +125,14 @@ class Trainer:
     def images(self, batch: dict) -> torch.Tensor:
         from flame.data.images import normalize_images
 
-        return normalize_images(batch["images"].to(self.device, non_blocking=True), self.model.mean, self.model.std)
+        if self.norm is None:  # the mean and std on the device once, not from Python lists per micro-batch
+            self.norm = [torch.tensor(v, dtype=torch.float32, device=self.device) for v in (self.model.mean,
+                                                                                           self.model.std)]
+        return normalize_images(batch["images"].to(self.device, non_blocking=True), *self.norm)
 
     def texts(self, batch: dict) -> torch.Tensor:
-        return batch["texts"].to(self.device, non_blocking=True).float()
+        """The stored vectors in the store's dtype: the loss gathers them so and computes in fp32."""
+        return batch["texts"].to(self.device, non_blocking=True)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -142,14 +140,19 @@ class Trainer:
     def after_update(self) -> None:
         self.model.clamp_()
 
-    def log(self, skipped: bool) -> None:
-        """Every `log_every` steps, the last step and every skipped one (a collective)."""
+    def log(self) -> None:
+        """Every `log_every` steps and the last step (a collective, and the step's only host sync):
+        the record, then the non-finite guard's verdict on the steps since the last one."""
         step = self.state.step
-        if not (step % self.cfg.log_every == 0 or step == self.plan.steps or skipped):
+        if not (step % self.cfg.log_every == 0 or step == self.plan.steps):
             return
         record = self.record(step)
         self.logger.write(record)
         self.report(record)
+        if record["nonfinite"]:
+            self.console.say(f"step {step}: {record['nonfinite']} step(s) since the last log line had a non-finite "
+                             f"loss or gradient: their updates were skipped ({self.guard.total} in all)")
+        self.guard.settle(step, self.last_saved)
         self.console.postfix(record["loss"])
         self.meter.reset(step)
 
@@ -188,6 +191,7 @@ class Trainer:
         step = self.state.step
         if not (step % self.cfg.save_every == 0 or step == self.plan.steps):
             return
+        self.guard.settle(step, self.last_saved)  # a run of non-finite steps stops before it is saved
         self.guard.check_weights(self.model, step, self.last_saved)
         schedule_ = {"steps": self.cfg.steps, "epochs": self.cfg.epochs, "total": self.plan.steps}
         state = checkpoint_state(self.state, self.optimizers[0], self.schedulers[0], workers=self.cfg.workers,
@@ -291,7 +295,7 @@ def build_model(cfg: TrainConfig, plan: Plan, device: torch.device):
             log.info("trunk locked: %.1fM parameters frozen, %.1fM trainable (last %d blocks)%s",
                      counts["frozen"] / 1e6, counts["trainable"] / 1e6, cfg.lock_image_unlocked,
                      "" if cfg.tower_init else "; the trunk is randomly initialised (no --tower-init)")
-    if grad_checkpointing(cfg, device):
+    if grad_checkpointing(cfg):
         model.set_grad_checkpointing(True)
     return model.to(device)
 
@@ -316,12 +320,14 @@ def error_line(e: BaseException) -> str:
     return rest if sep and name.rsplit(".", 1)[-1] in ("FlameError", "RuntimeError") else last
 
 
-def next_batch(data) -> dict:
-    """The next micro-batch. A user error on this rank (e.g. its shards hold no usable sample)
-    is shared with every rank before anyone enters the step's collectives, so all stop together."""
-    batch, error = None, None
+def next_batches(data, n: int) -> list[dict]:
+    """The step's `n` micro-batches. A user error on this rank (e.g. its shards hold no usable
+    sample) is shared with every rank before anyone enters the step's collectives, so all stop
+    together: one agreement (a round trip on the CPU side channel) per step, not per micro-batch."""
+    batches, error = [], None
     try:
-        batch = next(data)
+        for _ in range(n):
+            batches.append(next(data))
     except FlameError as e:
         error = error_line(e)
     except RuntimeError as e:
@@ -329,4 +335,4 @@ def next_batch(data) -> dict:
             raise
         error = error_line(e)
     dist.check_errors(error)
-    return batch
+    return batches

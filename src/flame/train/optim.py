@@ -37,7 +37,13 @@ def lr_lambda(warmup: int, steps: int, min_ratio: float) -> Callable[[int], floa
 
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    """torch's fused AdamW (one kernel per parameter group on CUDA and CPU, and a skipped update
+    decided on the device: `flame.train.guard.step_unless`), or the foreach one where the
+    parameters' device or dtype has no fused kernel."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
 def schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int, lr: float,
