@@ -218,10 +218,10 @@ def run_import(job: ImportJob, notify: Callable[[str], None] | None = None) -> i
 
 
 def _import_all(store: EmbeddingStore, todo: list[tuple[str, Path]], finder: Finder, job: ImportJob) -> ImportStats:
-    from tqdm import tqdm
+    from flame.progress import progress
 
     stats = ImportStats()
-    bar = tqdm(desc=f"import {len(todo)} shards", unit="img", disable=None, dynamic_ncols=True)
+    bar = progress(desc=f"import {len(todo)} shards", unit="img")
     try:
         for name, path in todo:
             try:

@@ -239,10 +239,9 @@ class TextEncoder:
             encoder = self._encoder(ps)
             bar = None
             if progress:
-                from tqdm import tqdm
+                from flame.progress import progress as progress_
 
-                bar = tqdm(total=len(todo), unit="text", desc=f"encode text ({ps.name}, {ps.k} facets)",
-                           disable=None, dynamic_ncols=True)
+                bar = progress_(total=len(todo), unit="text", desc=f"encode text ({ps.name}, {ps.k} facets)")
             for start in range(0, len(todo), CHUNK):
                 part = todo[start : start + CHUNK]
                 facets = encoder.encode(part)  # [n, K, D] unnormalised

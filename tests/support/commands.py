@@ -3,10 +3,13 @@ error line (exactly one, never a traceback)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 
 from flame.cli import main
+
+PROGRESS = re.compile(r"^\[[^\]]+\] [\d,.]+(/[\d,.]+)? ")  # a `flame.progress` status line without a terminal
 
 # two local processes, rendezvous on a free port: append a script and its arguments, or `-m flame ...`
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
@@ -21,9 +24,10 @@ class Result:
 
     @property
     def lines(self) -> list[str]:
-        """Non-empty stderr lines, progress bars left out; a traceback fails the test."""
+        """Non-empty stderr lines, progress (tqdm bars, `flame.progress` status lines) left out; a
+        traceback fails the test."""
         assert "Traceback" not in self.err, self.err
-        return [ln for ln in self.err.splitlines() if ln.strip() and "%|" not in ln]
+        return [ln for ln in self.err.splitlines() if ln.strip() and "%|" not in ln and not PROGRESS.match(ln)]
 
     @property
     def error(self) -> str:

@@ -9,12 +9,12 @@ import textwrap
 
 import pytest
 import torch
+from support.commands import TORCHRUN_2
+from support.training import TINY, make_set
 
 from flame.cli import main as flame_main
 from flame.train.guard import NonFiniteGuard, step_unless
 from flame.train.optim import adamw
-from tests.support.commands import TORCHRUN_2
-from tests.support.training import TINY, make_set
 
 
 @pytest.fixture(scope="module")

@@ -137,10 +137,9 @@ class Demo:
             return
         bar = None
         if self.progress:
-            from tqdm import tqdm
+            from flame.progress import progress
 
-            bar = tqdm(total=config.train + 2 * config.eval_size + config.zeroshot, unit="img", desc="scenes",
-                       dynamic_ncols=True, disable=None)
+            bar = progress(total=config.train + 2 * config.eval_size + config.zeroshot, unit="img", desc="scenes")
         scenes.write_dataset(self.paths.data, config, progress=bar.update if bar else None)
         if bar:
             bar.close()

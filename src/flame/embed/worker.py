@@ -87,16 +87,11 @@ def _open_store(cfg: Config, plan: Plan, ours: dict, model) -> list[tuple[str, s
 def _progress_bar(n_shards: int):
     if not distributed.is_main():
         return None
-    from tqdm import tqdm
+    from flame.progress import progress
 
     world = distributed.world_size()
-    return tqdm(
-        total=0,
-        unit="cap",
-        desc=f"embed {n_shards} shards" + (f" (rank 0 of {world})" if world > 1 else ""),
-        disable=None,
-        dynamic_ncols=True,
-    )
+    rank = f" (rank 0 of {world})" if world > 1 else ""
+    return progress(total=0, unit="cap", desc=f"embed {n_shards} shards{rank}")
 
 
 def _encode_all(store: EmbeddingStore, mine: list[tuple[str, Path]], cfg: Config, plan: Plan, tables,

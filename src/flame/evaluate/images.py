@@ -198,9 +198,9 @@ def split_vectors(
     ok = torch.zeros(len(items), dtype=torch.bool)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from flame.progress import progress as progress_
 
-        bar = tqdm(total=len(items), unit="img", desc=f"{ds.name} {split} images", dynamic_ncols=True, disable=None)
+        bar = progress_(total=len(items), unit="img", desc=f"{ds.name} {split} images")
     passing = 0
     for idx, images, status in loader:
         passing += int((status == TEMP).sum())

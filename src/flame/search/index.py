@@ -238,15 +238,14 @@ class _Run:
 
     def encode(self, model, todo: list[str], batch_size: int, workers: int, progress: bool) -> None:
         """Encode `todo` in DataLoader workers, committing every COMMIT_EVERY photos."""
-        from tqdm import tqdm
+        from flame.progress import progress as progress_
 
         loader = torch.utils.data.DataLoader(
             _Photos(self.photos, todo, model.transform(), model.image_size),
             batch_size=batch_size,
             num_workers=workers,
         )
-        bar = tqdm(total=len(todo), unit="photo", desc="index photos", disable=None if progress else True,
-                   dynamic_ncols=True)
+        bar = progress_(total=len(todo), unit="photo", desc="index photos", enabled=progress)
         for idx, images, ok in loader:
             bad = [todo[int(i)] for i in idx[~ok]]
             self.report.unreadable.extend(bad)

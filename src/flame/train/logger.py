@@ -144,9 +144,9 @@ class Console:
         self.enabled = enabled
         self.bar = None
         if enabled and progress:
-            from tqdm import tqdm
+            from flame.progress import progress
 
-            self.bar = tqdm(total=total, initial=done, unit="img", unit_scale=True, dynamic_ncols=True, desc=desc)
+            self.bar = progress(total=total, initial=done, unit="img", unit_scale=True, desc=desc)
 
     def say(self, line: str) -> None:
         if self.enabled:
