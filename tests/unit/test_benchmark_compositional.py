@@ -213,9 +213,13 @@ def test_winoground_bad_input_is_one_line(folder, capsys, tmp_path):
     r = _bench(capsys, folder, "winoground", root, out)
     assert r.code == 2 and "images.zip is not unpacked" in r.error
     shutil.move(tmp_path / "away", root / "data" / "images")
-    (root / "data" / "examples.jsonl").write_bytes(b'{"caption_0": "caf\xe9"}\n')
+    (root / "data" / "examples.jsonl").rename(root / "data" / "metadata.jsonl")  # the name some copies use
+    r = _bench(capsys, folder, "winoground", root, tmp_path / "m.json", "--allow-missing")
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "m.json").read_text())[0]["metrics"] == res["metrics"]
+    (root / "data" / "metadata.jsonl").write_bytes(b'{"caption_0": "caf\xe9"}\n')
     r = _bench(capsys, folder, "winoground", root, out)
-    assert r.code == 2 and "examples.jsonl is not UTF-8" in r.error
+    assert r.code == 2 and "metadata.jsonl is not UTF-8" in r.error
     assert json.loads(out.read_text())[0]["examples"] == 2  # the completed results file stays
 
 
