@@ -85,6 +85,8 @@ def test_paper_suite_bad_input_is_one_line(folder, capsys, tmp_path):
     (data / "sugar-crepe").mkdir()  # there, but not the benchmark: refused before the model loads
     r = _suite(capsys, folder, data)
     assert r.code == 2 and "is not sugarcrepe: expected val2017/" in r.error
+    r = _suite(capsys, folder, data, "--output", tmp_path / "paper.md")  # the Markdown would overwrite it
+    assert r.code == 2 and "--output FILE names the JSON" in r.error
     r = run_flame(capsys, "eval", "--suite", "paper", "--model", folder)
     assert r.code == 2 and "--suite paper needs --data-root DIR" in r.error
     r = run_flame(capsys, "eval", "--data-root", data, "--dataset", data, "--model", folder)

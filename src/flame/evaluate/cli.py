@@ -148,6 +148,9 @@ class Config:
             raise FlameError(f"--suite {PAPER} runs on its own: not with --benchmark, --dataset or --prepare")
         if not self.data_root:
             raise FlameError(f"--suite {PAPER} needs --data-root DIR (the folder holding the benchmarks)")
+        if self.output and Path(self.output).suffix.lower() in (".md", ".png"):
+            raise FlameError(f"--suite {PAPER} --output FILE names the JSON (FILE.md and FILE.png go beside it): "
+                             "give e.g. paper.json")
         if not self.model:
             raise FlameError("--model is required (a run folder or a checkpoint folder)")
 
