@@ -94,3 +94,22 @@ def test_paper_suite_bad_input_is_one_line(folder, capsys, tmp_path):
     r = run_flame(capsys, "eval", "--suite", "paper", "--data-root", data, "--benchmark", "winoground",
                   "--model", folder)
     assert r.code == 2 and "runs on its own" in r.error
+
+
+def test_report_reads_the_columns_result_and_lists_untabled_benchmarks():
+    """No model: a column with `where` reads that result (XM3600's `mean` entry, not a language);
+    a benchmark no table has a column for is listed under "Other results"."""
+    from flame.evaluate.benchmark import report
+
+    r1 = ("text_retrieval_recall@1", "image_retrieval_recall@1")
+    results = {"xm3600": [{"dataset": "xm3600", "language": "de", "metrics": dict(zip(r1, (0.9, 0.9)))},
+                          {"dataset": "xm3600", "language": "mean", "metrics": dict(zip(r1, (0.5, 0.25)))}],
+               "imagenet1k-it": [{"dataset": "imagenet1k", "language": "it", "metrics": {"acc1": 0.3, "acc5": None}}]}
+    rep = json.loads(json.dumps(report.build(results, "M", "D", [])))
+    assert _table(rep, "Crossmodal")["rows"][-1]["values"] == [[50.0, 25.0]]
+    assert _table(rep, "Short-caption")["rows"][-1]["values"] == [None, None]
+    assert rep["other"] == [{"benchmark": "imagenet1k-it", **results["imagenet1k-it"][0]}]
+    md = report.markdown(rep)
+    assert "| **this model** | M | 50.0 / 25.0 |" in md
+    assert "| imagenet1k-it | imagenet1k | it | acc1 | 30.00 |" in md
+    assert "| imagenet1k-it | imagenet1k | it | acc5 |  |" in md

@@ -1,7 +1,7 @@
 """`flame eval --suite paper`'s report: the paper's tables (`published.TABLES`) with this model's row
 added, as Markdown, JSON and a plot. The model's numbers are its results (fractions, as
 CLIP_benchmark writes them) shown as percentages; a benchmark that was not run is an empty cell.
-Results no table has a column for are listed after the tables with their metrics."""
+The results of benchmarks no table has a column for are listed after the tables with their metrics."""
 
 from __future__ import annotations
 
@@ -46,9 +46,10 @@ def tables(results: dict[str, list[dict]], model: str) -> list[dict]:
 
 
 def others(results: dict[str, list[dict]]) -> list[dict]:
-    """Results that no table column reads (e.g. XM3600's per-language entries, other languages)."""
-    used = {id(_pick(results.get(c.benchmark, []), c)) for t in TABLES for c in t.columns}
-    return [r for rs in results.values() for r in rs if id(r) not in used]
+    """The results of benchmarks no table has a column for (e.g. multilingual ImageNet); the rest
+    of a tabled benchmark's results (XM3600's 36 languages) stay in `results` only."""
+    tabled = {c.benchmark for t in TABLES for c in t.columns}
+    return [{"benchmark": name, **r} for name, rs in results.items() if name not in tabled for r in rs]
 
 
 def _number(x: float) -> str:
