@@ -229,3 +229,52 @@ def test_count_truncated_counts_cached_texts_too(model):
     model.encode_text(["a dog", long], prompts="long")
     assert enc.count_truncated(["a dog", long, long], "long") == 1  # cached: still counted
     assert enc.count_truncated(["a dog", "a cat"], "long") == 0
+
+
+class _Lookup(torch.nn.Module):
+    """CLIP_benchmark's view of fixed vectors: an "image" is its row number, a text is its string."""
+
+    def __init__(self, images: torch.Tensor, texts: dict[str, torch.Tensor]):
+        super().__init__()
+        self.images, self.texts, self.names = images, texts, list(texts)
+
+    def tokenize(self, texts):
+        return torch.tensor([self.names.index(t) for t in texts])
+
+    def encode_image(self, x):
+        return self.images[x.flatten(1)[:, 0].long()]
+
+    def encode_text(self, tokens):
+        return torch.stack([self.texts[self.names[int(i)]] for i in tokens])
+
+
+def test_one_sided_ties_split_the_argmax_and_strict_scores_as_clip_benchmark_does():
+    """Example 0 ties s(c0,i0) = s(c1,i0) exactly: CLIP_benchmark's argmax counts its text side
+    correct (index 0 wins), the paper's strict score does not; the rest are random."""
+    from clip_benchmark.metrics import image_caption_selection
+
+    from flame.evaluate.benchmark.selection import instance_scores
+
+    torch.manual_seed(0)
+    n, d = 40, 8
+    images = torch.nn.functional.normalize(torch.randn(2 * n, d), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(2 * n, d), dim=-1)
+    images[0], images[1] = torch.eye(d)[0], torch.eye(d)[1]
+    texts[0] = torch.tensor([0.6, -0.8] + [0.0] * (d - 2))
+    texts[1] = torch.tensor([0.6, 0.8] + [0.0] * (d - 2))
+    per = instance_scores(images.view(n, 2, d), texts.view(n, 2, d))
+    assert per["tie"][0] and per["text_acc"][0] and not per["text_score"][0] and per["acc"][0]
+    assert not per["group_score"][0] and per["image_score"][0]
+
+    names = {f"t{i}": texts[i] for i in range(2 * n)}
+    batches = [(torch.arange(2 * n, dtype=torch.float32).view(n, 2, 1, 1, 1)[a:a + 7],
+                [[f"t{2 * e}", f"t{2 * e + 1}"] for e in range(a, min(n, a + 7))]) for a in range(0, n, 7)]
+    model = _Lookup(images, names)
+    theirs = image_caption_selection.evaluate(model, batches, model.tokenize, "cpu", amp=False)
+    ours = {k: float(per[k].float().mean()) for k in ("acc", "text_acc", "image_acc")}
+    assert theirs == pytest.approx(ours)
+    # the strict scores, pair by pair
+    s = (images.view(n, 2, 1, d) * texts.view(n, 1, 2, d)).sum(dim=-1)  # s[e, image, caption]
+    strict_text = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    strict_image = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    assert torch.equal(per["text_score"], strict_text) and torch.equal(per["image_score"], strict_image)
