@@ -218,6 +218,10 @@ class FacetEncoder:
             raise FlameError(f"the prompt set {self.prompts.name!r} alone does not fit in {self.max_length} tokens")
         return ids, True
 
+    def shortened(self, caption: str) -> bool:
+        """Whether `caption` is cut (by the caption cap or the context) when it is encoded."""
+        return self._prefix(clean_caption(caption))[1]
+
     def layout(self, caption: str) -> tuple[list[int], list[int]]:
         """One caption's packed sequence as the model sees it: token ids (prefix, then the facets in
         order) and the K positions its embeddings are read at (each facet's last token). In continue

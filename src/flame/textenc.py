@@ -215,6 +215,19 @@ class TextEncoder:
         """The distinct texts not yet in the cache, in first-seen order (never loads the LLM)."""
         return self._space(prompts).missing(list(texts))
 
+    def count_truncated(self, texts: Sequence[str], prompts: str | PromptSet = "raw") -> int:
+        """How many of the distinct `texts` the encoder cuts (caption cap or context), cached or not,
+        so that an evaluation reports it every time. A text of at most half the cap in UTF-8 bytes
+        is never cut (a byte-level tokenizer gives at most one token per byte, and the other half
+        leaves room for the prompt within any context of at least the cap) and is not tokenized;
+        only when a longer one is there is the LLM (and its tokenizer) loaded."""
+        bound = self.max_caption_tokens // 2
+        long = [t for t in dict.fromkeys(texts) if len(t.encode("utf-8", "surrogatepass")) > bound]
+        if not long:
+            return 0
+        encoder = self._encoder(self.prompt_set(prompts))
+        return sum(encoder.shortened(t) for t in long)
+
     def encode(self, texts: Sequence[str], prompts: str | PromptSet = "raw", progress: bool = False) -> torch.Tensor:
         """float32 [N, D], L2-normalised; cached texts never load the LLM."""
         texts = [texts] if isinstance(texts, str) else list(texts)

@@ -3,6 +3,7 @@
     flame eval --model RUN --task zeroshot-classification --dataset wds_imagenet1k [--language it]
     flame eval --model RUN --task retrieval --dataset captions.jsonl [--prompts long] --output r.json
     flame eval --model RUN --suite suite.yaml --output results.json
+    flame eval --model RUN --suite paper --data-root DATA --output paper.json
     flame eval --prepare --suite suite.yaml (--model RUN | --embeddings STORE) [--llm SPEC]
 
 `--prepare` computes and caches every class-prompt and caption vector the suite needs (one LLM
@@ -21,6 +22,8 @@ from flame.config import at_least, setting
 from flame.errors import FlameError
 from flame.evaluate.task_names import MAX_UNREADABLE, PROBE, canonical_task
 
+PAPER = "paper"  # --suite paper (flame.evaluate.benchmark.suite.PAPER)
+
 log = logging.getLogger("flame.evaluate")
 
 DESCRIPTION = (
@@ -33,6 +36,8 @@ examples:
   flame eval --model RUN --task zeroshot-classification --dataset wds_imagenet1k [--language it]
   flame eval --model RUN --task retrieval --dataset captions.jsonl [--prompts long] --output r.json
   flame eval --model RUN --suite suite.yaml --output results.json
+  flame eval --model RUN --benchmark urban-1k --dataset DATA/Urban1k --output urban.json
+  flame eval --model RUN --suite paper --data-root DATA --output paper.json
   flame eval --prepare --suite suite.yaml (--model RUN | --embeddings STORE) [--llm SPEC]
 """
 
@@ -54,7 +59,11 @@ class Config:
                                        "instead of refusing an incomplete set")
     suite: str | None = setting(None, metavar="FILE", group="what",
                                 help="YAML list of {dataset, task, language?, prompts?, name?, dataset_name?, "
-                                     "templates?}")
+                                     "templates?}; `paper`: every paper benchmark found under --data-root")
+    data_root: str | None = setting(None, metavar="DIR", group="what",
+                                    help="--suite paper: the folder holding the benchmarks, each in its distributed "
+                                         "folder name (see the README); the report goes to --output FILE (JSON) "
+                                         "with FILE.md and FILE.png beside it")
     language: str | None = setting(None, group="texts", shown="en; tables: all rows",
                                    help="class-name / caption language")
     dataset_name: str | None = setting(None, group="texts", shown="the folder name without wds_",
@@ -111,8 +120,13 @@ class Config:
             canonical_task(self.task)
         if self.probe_val_split and self.probe_val_proportion:
             raise FlameError("give --probe-val-split or --probe-val-proportion, not both")
+        if self.data_root and self.suite != PAPER:
+            raise FlameError(f"--data-root DIR is for --suite {PAPER}")
+        if self.suite == PAPER:
+            self._check_paper()
+            return
         if self.allow_missing and not self.benchmark:
-            raise FlameError("--allow-missing is for --benchmark NAME")
+            raise FlameError(f"--allow-missing is for --benchmark NAME or --suite {PAPER}")
         if self.benchmark:
             self._check_benchmark()
             return
@@ -128,6 +142,17 @@ class Config:
             raise FlameError("--prepare takes --model or --embeddings, not both")
         if not self.model and not self.embeddings:
             raise FlameError("--prepare needs --model M or --embeddings STORE (the text side to encode with)")
+
+    def _check_paper(self) -> None:
+        if self.benchmark or self.dataset or self.prepare:
+            raise FlameError(f"--suite {PAPER} runs on its own: not with --benchmark, --dataset or --prepare")
+        if not self.data_root:
+            raise FlameError(f"--suite {PAPER} needs --data-root DIR (the folder holding the benchmarks)")
+        if self.output and Path(self.output).suffix.lower() in (".md", ".png"):
+            raise FlameError(f"--suite {PAPER} --output FILE names the JSON (FILE.md and FILE.png go beside it): "
+                             "give e.g. paper.json")
+        if not self.model:
+            raise FlameError("--model is required (a run folder or a checkpoint folder)")
 
     def _check_benchmark(self) -> None:
         from flame.evaluate.benchmark import get
@@ -178,6 +203,8 @@ def main(cfg: Config) -> int:
     check_output(cfg.output)
     if cfg.benchmark:
         return run_benchmark(cfg)
+    if cfg.suite == PAPER:
+        return run_paper(cfg)
     entries = _entries(cfg)
     if cfg.prepare:
         return prepare(cfg, entries)
@@ -206,13 +233,45 @@ def write_results(cfg: Config, results) -> None:
         print(f"results in {out}")
 
 
-def run_benchmark(cfg: Config) -> int:
-    """`--benchmark NAME`: the set read and checked in full, then one model load."""
-    from flame.evaluate.benchmark import Options, get, read_benchmark
+def benchmark_options(cfg: Config):
+    from flame.evaluate.benchmark import Options
 
-    opts = Options(allow_missing=cfg.allow_missing, batch_size=cfg.batch_size, workers=cfg.workers,
+    return Options(allow_missing=cfg.allow_missing, batch_size=cfg.batch_size, workers=cfg.workers,
                    progress=cfg.progress, max_unreadable=cfg.max_unreadable,
                    languages=tuple(cfg.language.split(",")) if cfg.language else None)
+
+
+def run_paper(cfg: Config) -> int:
+    """`--suite paper`: every benchmark found under --data-root read and checked, then one model
+    load; the report is rewritten after each benchmark, so a later failure keeps the finished ones."""
+    from flame.evaluate.benchmark import get, read_benchmark, report
+    from flame.evaluate.benchmark.suite import find
+
+    opts = benchmark_options(cfg)
+    found, skipped = find(cfg.data_root)
+    for s in skipped:
+        print(f"skipped {s['benchmark']}: no {s['folder']}/ under {cfg.data_root}")
+    data = [(name, read_benchmark(name, root, opts)) for name, root in found]
+    model = load_model(cfg)
+    results: dict[str, list[dict]] = {}
+    for name, d in data:
+        results[name] = [{"benchmark": name, **r} for r in get(name).evaluate(model, d, opts)]
+        if cfg.output:
+            report.write(report.build(results, cfg.model, cfg.data_root, skipped), cfg.output, plot_it=False)
+    model.text_encoder.unload()
+    rep = report.build(results, cfg.model, cfg.data_root, skipped)
+    print(report.markdown(rep))
+    if cfg.output:
+        where = report.write(rep, cfg.output)
+        print(f"report in {where['json']}, {where['md'].name} and {where['png'].name}")
+    return 0
+
+
+def run_benchmark(cfg: Config) -> int:
+    """`--benchmark NAME`: the set read and checked in full, then one model load."""
+    from flame.evaluate.benchmark import get, read_benchmark
+
+    opts = benchmark_options(cfg)
     data = read_benchmark(cfg.benchmark, cfg.dataset, opts)
     model = load_model(cfg)
     results = [{"benchmark": cfg.benchmark, **r} for r in get(cfg.benchmark).evaluate(model, data, opts)]
