@@ -274,8 +274,8 @@ def test_flame_eval_benchmark_exit_codes(model_dir, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
     assert r.returncode == 2, r.stderr
     assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
-        f"flame eval: error: urban-1k: 1 of 4 images are missing ({base / 'image' / '4.jpg'}); an incomplete set changes the "
-        "metrics: add them, or pass --allow-missing to evaluate the rest (recorded in the results)"]
+        f"flame eval: error: urban-1k: 1 of 4 images are missing ({base / 'image' / '4.jpg'}); an incomplete set "
+        "changes the metrics: add them, or pass --allow-missing to evaluate the rest (recorded in the results)"]
     r = subprocess.run(cmd + ["--allow-missing", "--output", str(tmp_path / "r.json")], capture_output=True,
                        text=True, env=os.environ)
     assert r.returncode == 0, r.stderr
