@@ -281,3 +281,33 @@ def test_flame_eval_benchmark_exit_codes(model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     (result,) = json.loads((tmp_path / "r.json").read_text())
     assert (result["benchmark"], result["images"], result["missing_images"]) == ("urban-1k", 3, 1)
+
+
+def test_the_cap_counts_the_tokenizers_bos_as_the_release_does(tiny_llm_dir, tmp_path):
+    """context_length N (the release's `truncation=True, max_length=N` first pass) leaves N minus
+    the tokenizer's own special tokens for the caption: 1023 for Mistral's BOS at 1024; the capped
+    vectors live in their own cache space."""
+    from tokenizers.processors import TemplateProcessing
+
+    from flame.llm import load_llm
+    from flame.prompts import PROMPT_SETS
+    from flame.textenc import TextEncoder
+
+    llm, tok = load_llm(str(tiny_llm_dir), device="cpu")
+    te = TextEncoder({"llm": {"spec": str(tiny_llm_dir)}, "layer": [2]}, cache_dir=tmp_path)
+    te._llm = (llm, tok)
+    assert te._encoder(PROMPT_SETS["long"], 1024).max_caption_tokens == 1024  # no BOS: all caption
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                       special_tokens=[("<|endoftext|>", bos)])
+    assert tok("")["input_ids"] == [bos]
+    te._encoders.clear()
+    enc = te._encoder(PROMPT_SETS["long"], 1024)
+    assert enc.max_caption_tokens == 1023
+    assert te.space_description("long", 1024) == {**te.space_description("long"), "context_length": 1024}
+    long = "a red car on the street " * 10
+    n = len(tok(long, add_special_tokens=False)["input_ids"])
+    te.encode(["a dog.", long], prompts="long", context_length=n)  # n with the BOS: one token too many
+    assert (te.encoded, te.truncated) == (2, 1)
+    te.encode([long], prompts="long", context_length=n + 1)
+    assert (te.encoded, te.truncated) == (3, 1)
