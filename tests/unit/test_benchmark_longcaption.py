@@ -180,7 +180,6 @@ def docci_root(root: Path, images_folder: bool = True) -> tuple[Path, list[dict]
             for i, split in enumerate(["train", "test", "qual_dev", "test", "qual_test", "test", "train", "test"])]
     for seed, r in enumerate(rows):
         write_jpeg(base / ("images" if images_folder else "") / r["image_file"], 50 + seed)
-    (base / "docci_metadata.jsonlines").parent.mkdir(parents=True, exist_ok=True)
     (base / longcaption.DOCCI_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return base, rows
 
