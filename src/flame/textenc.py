@@ -133,7 +133,7 @@ class TextEncoder:
             return PROMPT_SETS[prompts]
         return load_prompt_set(prompts)
 
-    def space_description(self, prompts: str | PromptSet) -> dict:
+    def space_description(self, prompts: str | PromptSet, context_length: int | None = None) -> dict:
         ps = self.prompt_set(prompts)
         return {
             "version": CACHE_VERSION,
@@ -144,11 +144,12 @@ class TextEncoder:
             "facets": list(ps.facets),
             "sep": ps.sep,
             **({"max_caption_tokens": self.max_caption_tokens}
-               if self.max_caption_tokens != DEFAULT_MAX_CAPTION_TOKENS else {}),
+               if self.max_caption_tokens != DEFAULT_MAX_CAPTION_TOKENS and context_length is None else {}),
+            **({"context_length": int(context_length)} if context_length is not None else {}),
         }
 
-    def _space(self, prompts: str | PromptSet) -> TextCache:
-        desc = self.space_description(prompts)
+    def _space(self, prompts: str | PromptSet, context_length: int | None = None) -> TextCache:
+        desc = self.space_description(prompts, context_length)
         blob = json.dumps(desc, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
         key = hashlib.sha256(blob).hexdigest()[:20]
         if key not in self._spaces:
@@ -199,46 +200,56 @@ class TextEncoder:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _encoder(self, ps: PromptSet):
+    def _encoder(self, ps: PromptSet, context_length: int | None = None):
         from flame.facets import FacetEncoder
 
-        key = json.dumps([ps.prefix, list(ps.facets), ps.sep])
+        key = json.dumps([ps.prefix, list(ps.facets), ps.sep, context_length])
         if key not in self._encoders:
             model, tokenizer = self._load()
+            cap = self.max_caption_tokens
+            if context_length is not None:  # the release's first pass: its special tokens count
+                cap = max(1, int(context_length) - len(tokenizer("", add_special_tokens=True)["input_ids"]))
             self._encoders[key] = FacetEncoder(model, tokenizer, prompts=ps, layer=self.layer,
-                                               positions=self.positions,
-                                               max_caption_tokens=self.max_caption_tokens)
+                                               positions=self.positions, max_caption_tokens=cap)
         return self._encoders[key]
 
     # ---- encoding ------------------------------------------------------------------------
-    def missing(self, texts: Sequence[str], prompts: str | PromptSet = "raw") -> list[str]:
+    def missing(self, texts: Sequence[str], prompts: str | PromptSet = "raw",
+                context_length: int | None = None) -> list[str]:
         """The distinct texts not yet in the cache, in first-seen order (never loads the LLM)."""
-        return self._space(prompts).missing(list(texts))
+        return self._space(prompts, context_length).missing(list(texts))
 
-    def count_truncated(self, texts: Sequence[str], prompts: str | PromptSet = "raw") -> int:
+    def count_truncated(self, texts: Sequence[str], prompts: str | PromptSet = "raw",
+                        context_length: int | None = None) -> int:
         """How many of the distinct `texts` the encoder cuts (caption cap or context), cached or not,
         so that an evaluation reports it every time. A text of at most half the cap in UTF-8 bytes
         is never cut (a byte-level tokenizer gives at most one token per byte, and the other half
         leaves room for the prompt within any context of at least the cap) and is not tokenized;
         only when a longer one is there is the LLM (and its tokenizer) loaded."""
-        bound = self.max_caption_tokens // 2
+        bound = (context_length or self.max_caption_tokens) // 2
         long = [t for t in dict.fromkeys(texts) if len(t.encode("utf-8", "surrogatepass")) > bound]
         if not long:
             return 0
-        encoder = self._encoder(self.prompt_set(prompts))
+        encoder = self._encoder(self.prompt_set(prompts), context_length)
         return sum(encoder.shortened(t) for t in long)
 
-    def encode(self, texts: Sequence[str], prompts: str | PromptSet = "raw", progress: bool = False) -> torch.Tensor:
-        """float32 [N, D], L2-normalised; cached texts never load the LLM."""
+    def encode(self, texts: Sequence[str], prompts: str | PromptSet = "raw", progress: bool = False,
+               context_length: int | None = None) -> torch.Tensor:
+        """float32 [N, D], L2-normalised; cached texts never load the LLM.
+
+        `context_length`: cap each caption as the release's first tokenisation does, at this many
+        tokens of the caption's own tokenisation with the tokenizer's special tokens (BOS) counted
+        (the release's scripts 1024, CLIP_benchmark 512), instead of the model's
+        `max_caption_tokens`; its vectors live in their own cache space."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise FlameError("encode_text takes a list of strings")
         ps = self.prompt_set(prompts)
-        space = self._space(ps)
+        space = self._space(ps, context_length)
         forgotten: set[str] = set()
         while True:
             try:
-                return self._encode(texts, ps, space, progress)
+                return self._encode(texts, ps, space, progress, context_length)
             except DamagedChunk as e:  # recompute that chunk's texts (its file is left as it is)
                 if e.chunk in forgotten:
                     raise
@@ -246,10 +257,11 @@ class TextEncoder:
                 forgotten.add(e.chunk)
                 space.forget(e.chunk)
 
-    def _encode(self, texts: list[str], ps: PromptSet, space: TextCache, progress: bool) -> torch.Tensor:
+    def _encode(self, texts: list[str], ps: PromptSet, space: TextCache, progress: bool,
+                context_length: int | None = None) -> torch.Tensor:
         todo = space.missing(texts)
         if todo:
-            encoder = self._encoder(ps)
+            encoder = self._encoder(ps, context_length)
             bar = None
             if progress:
                 from flame.progress import progress as progress_

@@ -11,6 +11,8 @@
   bounded memory, queries in chunks, each row whole (`flame.evaluate.ranking`), so ties fall
   exactly as in the unchunked computation. Where k
   exceeds the number of candidates, CLIP_benchmark would fail; we take all candidates (recall 1).
+  `retrieval_ranks` also counts the queries whose top-1 score is tied (`ties`) and can rank
+  recall@1 by argmax (lower index wins: the release's long-caption scripts).
 - Linear probe (`linear_probe`): L2-normalised features (CLIP_benchmark's default), a
   logistic-regression classifier with an L2 penalty trained full-batch with L-BFGS; the penalty
   is searched on CLIP_benchmark's grid (97 log-spaced values in [1e-6, 1e2], 7 coarse points
@@ -89,6 +91,27 @@ def retrieval_metrics(
     chunks (`chunk` rows, default: as many as fit `budget` bytes of scores), on `device` (default
     CUDA when available): `flame.evaluate.ranking`. `overwrite=True` lets it normalise float32
     inputs in place instead of copying them (the caller's vectors then come back normalised)."""
+    return retrieval_ranks(image_emb, text_emb, text_image, ks, chunk, device, text_rows, budget, overwrite)[0]
+
+
+def retrieval_ranks(
+    image_emb,
+    text_emb,
+    text_image: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+    chunk: int | None = None,
+    device=None,
+    text_rows: torch.Tensor | None = None,
+    budget: int | None = None,
+    overwrite: bool = False,
+    ties: bool = False,
+    first_max: bool = False,
+) -> tuple[dict[str, float], dict[str, int] | None]:
+    """`retrieval_metrics` and, with `ties`, the number of queries whose top-1 score is attained by
+    more than one candidate, per direction ({"image_retrieval": T2I queries, "text_retrieval": I2T
+    queries}; None without `ties`), counted in the same score blocks. `first_max`: recall@1 by
+    `torch.argmax` (a tie goes to the lower index, as the release's long-caption scripts rank)
+    instead of `torch.topk` (CLIP_benchmark)."""
     from flame.evaluate.ranking import normalised_keys, recall_hits
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -97,21 +120,24 @@ def retrieval_metrics(
     if len(owner) != n_text:
         raise ValueError(f"{n_text} captions but {len(owner)} caption->image indices")
     owner = owner.to(device)
+    tied = {"image_retrieval": torch.zeros(n_text, dtype=torch.bool),
+            "text_retrieval": torch.zeros(len(image_emb), dtype=torch.bool)} if ties else {}
     # text -> image: caption t's positive is image owner[t]
     keys = normalised_keys(image_emb, None, device, overwrite)
     images_done = keys is image_emb  # normalised in place: not again (same floats as one normalisation)
     img_hits = recall_hits(text_emb, text_rows, keys, lambda r, idx: idx == owner[r], ks, device,
-                           _budget(chunk, len(keys), budget))
+                           _budget(chunk, len(keys), budget), ties=tied.get("image_retrieval"), first_max=first_max)
     # image -> text: image i's positives are the captions t with owner[t] == i
     keys = normalised_keys(text_emb, text_rows, device, overwrite)
     txt_hits = recall_hits(image_emb, None, keys, lambda r, idx: owner[idx] == r, ks, device,
-                           _budget(chunk, len(keys), budget), normalised=images_done)
+                           _budget(chunk, len(keys), budget), normalised=images_done,
+                           ties=tied.get("text_retrieval"), first_max=first_max)
     del keys
     out: dict[str, float] = {}
     for k in ks:
         out[f"image_retrieval_recall@{k}"] = img_hits[k].float().mean().item()
         out[f"text_retrieval_recall@{k}"] = txt_hits[k].float().mean().item()
-    return out
+    return out, ({d: int(t.sum()) for d, t in tied.items()} if ties else None)
 
 
 def _budget(chunk: int | None, n_keys: int, budget: int | None) -> int | None:

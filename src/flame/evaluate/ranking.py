@@ -57,10 +57,16 @@ def block_rows(n_keys: int, device: torch.device, budget: int | None = None) -> 
 
 
 def recall_hits(queries, q_rows: torch.Tensor | None, keys: torch.Tensor, positive: Callable, ks: Sequence[int],
-                device, budget: int | None = None, normalised: bool = False) -> dict[int, torch.Tensor]:
+                device, budget: int | None = None, normalised: bool = False, ties: torch.Tensor | None = None,
+                first_max: bool = False) -> dict[int, torch.Tensor]:
     """{k: bool [Q]}: is a positive key among query q's top-k keys? `keys` is normalised already;
     `queries` rows (or queries[q_rows]) are normalised a chunk at a time (unless `normalised`). `positive(rows, idx)`
-    says whether key idx[r, j] is a positive of query rows[r] (both on `device`)."""
+    says whether key idx[r, j] is a positive of query rows[r] (both on `device`).
+
+    `ties` (bool [Q], filled in place): is query q's top-1 score attained by more than one key?
+    Read off the score block the recalls use (from a top-k with k >= 2 already taken, else a
+    top-2); not asked for, nothing extra is computed. `first_max`: k = 1 by `torch.argmax`, whose
+    tie goes to the lower index (the release's long-caption scripts), instead of `torch.topk`."""
     n_q = len(queries) if q_rows is None else len(q_rows)
     step = block_rows(len(keys), device, budget)
     hits = {k: torch.zeros(n_q, dtype=torch.bool) for k in ks}
@@ -68,8 +74,24 @@ def recall_hits(queries, q_rows: torch.Tensor | None, keys: torch.Tensor, positi
         stop = min(start + step, n_q)
         scores = _normalised(queries, q_rows, start, stop, device, normalised) @ keys.T
         rows = torch.arange(start, stop, device=device).view(-1, 1)
+        top2 = None  # the two best scores per row, when a top-k already holds them
         for k in ks:
-            idx = scores.topk(min(k, len(keys)), dim=1, largest=True, sorted=True).indices
+            if k == 1 and first_max:
+                idx = scores.argmax(dim=1, keepdim=True)
+            else:
+                top = scores.topk(min(k, len(keys)), dim=1, largest=True, sorted=True)
+                idx, top2 = top.indices, top.values[:, :2] if k >= 2 and top2 is None else top2
             hits[k][start:stop] = positive(rows, idx).any(dim=1).cpu()
+        if ties is not None:
+            ties[start:stop] = _tied(scores, top2)
         del scores
     return hits
+
+
+def _tied(scores: torch.Tensor, top2: torch.Tensor | None) -> torch.Tensor:
+    """bool per row: the best score occurs more than once in the row (exact equality)."""
+    if scores.shape[1] < 2:
+        return torch.zeros(len(scores), dtype=torch.bool)
+    if top2 is None:
+        top2 = scores.topk(2, dim=1, largest=True, sorted=True).values
+    return (top2[:, 0] == top2[:, 1]).cpu()

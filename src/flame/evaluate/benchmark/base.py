@@ -96,15 +96,18 @@ def read_jsonl(path: Path) -> list:
     return rows
 
 
-def present(images: Sequence[Path], name: str, opts: Options) -> tuple[list[int], dict]:
-    """The indices of `images` that exist as regular files, and what to record about the rest.
+def present(images: Sequence, name: str, opts: Options, exists: Callable[[object], bool] | None = None
+            ) -> tuple[list[int], dict]:
+    """The indices of `images` that exist as regular files (or pass `exists`: a tar member, say),
+    and what to record about the rest.
 
     A smaller candidate pool changes every recall, so a missing image is refused in one line that
     counts them and names the first few; with `opts.allow_missing` the rest is evaluated and the
     record (`missing_images`, `missing`) goes into each result."""
+    exists = exists or (lambda p: Path(p).is_file())
     keep, missing = [], []
     for i, p in enumerate(images):
-        (keep if Path(p).is_file() else missing).append(i)
+        (keep if exists(p) else missing).append(i)
     if not missing:
         return keep, {}
     shown = ", ".join(str(images[i]) for i in missing[:SHOW_MISSING])
