@@ -19,6 +19,9 @@ from flame.errors import FlameError
 from flame.evaluate.task_names import MAX_UNREADABLE
 
 SHOW_MISSING = 3  # missing images named in the refusal
+# the caption caps of the two harnesses' first tokenisation, BOS included (EVAL.md section 0)
+RELEASE_CAP = 1024  # the release's long-caption scripts (model.text.max_length)
+CLIP_BENCHMARK_CAP = 512  # CLIP_benchmark (LLMTokenizer's default context_length)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,20 @@ import re
 from pathlib import Path
 
 from flame.errors import FlameError
-from flame.evaluate.benchmark.base import Benchmark, Options, not_this, present, read_json, read_jsonl, read_text
+from flame.evaluate.benchmark.base import (
+    RELEASE_CAP,
+    Benchmark,
+    Options,
+    not_this,
+    present,
+    read_json,
+    read_jsonl,
+    read_text,
+)
 from flame.evaluate.benchmark.retrieval import RetrievalSet, retrieve
 from flame.evaluate.datasets import Item
 
-CONTEXT_LENGTH = 1024  # the release's first-pass cap, BOS included
+CONTEXT_LENGTH = RELEASE_CAP
 PROMPTS = "long"
 KS = (1,)
 

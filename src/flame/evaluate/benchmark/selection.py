@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from flame.evaluate.benchmark.base import Options
+from flame.evaluate.benchmark.base import CLIP_BENCHMARK_CAP, Options
 from flame.evaluate.datasets import EvalDataset, Item
 from flame.evaluate.images import SplitVectors
 
@@ -84,12 +84,14 @@ class TextVectors:
 
 
 def encode_texts(model, texts: Sequence[str], opts: Options) -> TextVectors:
-    """Every distinct text once, with the long set, through the model's text encoder (cached on disk),
-    and how many of them the encoder cuts."""
+    """Every distinct text once, with the long set and CLIP_benchmark's caption cap (512 tokens with
+    the BOS, EVAL.md section 0), through the model's text encoder (cached on disk), and how many of
+    them the cap cuts."""
     distinct = list(dict.fromkeys(texts))
     encoder = model.text_encoder
-    vectors = encoder.encode(distinct, prompts=PROMPTS, progress=opts.progress)
-    return TextVectors(vectors, {t: i for i, t in enumerate(distinct)}, encoder.count_truncated(distinct, PROMPTS))
+    vectors = encoder.encode(distinct, prompts=PROMPTS, progress=opts.progress, context_length=CLIP_BENCHMARK_CAP)
+    return TextVectors(vectors, {t: i for i, t in enumerate(distinct)},
+                       encoder.count_truncated(distinct, PROMPTS, CLIP_BENCHMARK_CAP))
 
 
 def image_vectors(model, root: Path, name: str, files: Sequence[Path], opts: Options,

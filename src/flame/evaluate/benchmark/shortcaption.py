@@ -16,11 +16,11 @@ import tarfile
 from pathlib import Path
 
 from flame.errors import FlameError, first_line
-from flame.evaluate.benchmark.base import Benchmark, Options, not_this, present, read_text
+from flame.evaluate.benchmark.base import CLIP_BENCHMARK_CAP, Benchmark, Options, not_this, present, read_text
 from flame.evaluate.benchmark.retrieval import RetrievalSet, retrieve
 from flame.evaluate.datasets import IMAGE_EXTS, MAX_TEXT_BYTES, TAR_ERRORS, Item, member_problem
 
-CONTEXT_LENGTH = 512  # CLIP_benchmark's first-pass cap, BOS included
+CONTEXT_LENGTH = CLIP_BENCHMARK_CAP
 PROMPTS = "long"
 KS = (1, 5, 10)
 LAYOUT = "{folder}/ in CLIP_benchmark's wds layout: test/nshards.txt, test/0.tar, ... and dataset_type.txt (retrieval)"
