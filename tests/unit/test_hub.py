@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.commands import run_flame
+from support.hub import FakeHub, cache_commit, go_offline, scanned
+from support.untrusted import model_folder, text_side
 
 from flame.errors import FlameError
 from flame.model import FlameModel
-from tests.support.commands import run_flame
-from tests.support.hub import FakeHub, cache_commit, go_offline, scanned
-from tests.support.untrusted import model_folder, text_side
 
 REPO = "flame-org/tiny"
 FIXTURE_RUN = Path(__file__).parents[1] / "fixtures" / "v0" / "run"
