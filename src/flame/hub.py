@@ -133,7 +133,7 @@ def download(repo: str, revision: str | None = None, cache_dir=None, token=None,
 
     where = _where(repo, revision)
     if spec and not str(spec).startswith(PREFIX):
-        where = f"{spec} (no such local path) as a {where}"
+        where += " (no local path of that name)"
     try:
         folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, token=token,
                                         local_files_only=local_files_only, allow_patterns=list(MODEL_FILES)))

@@ -65,6 +65,23 @@ def resolve_model_folder(path: str | Path) -> Path:
     )
 
 
+def model_folder(path: str | Path, revision: str | None = None, hub_cache_dir: str | Path | None = None,
+                 local_files_only: bool = False, token: str | bool | None = None) -> Path:
+    """The folder holding the model `path` names: `resolve_model_folder` for a local path, the
+    Hugging Face cache's snapshot for a Hub repo (which string is which: `flame.hub`)."""
+    from flame.hub import download, hub_repo
+
+    repo = hub_repo(path)
+    if repo is None:
+        if revision is not None:
+            raise FlameError(f"{path}: revision={revision!r} applies to Hugging Face repos, not a local folder")
+        return resolve_model_folder(path)
+    if revision is not None and repo[1] is not None and revision != repo[1]:
+        raise FlameError(f"{path}: names revision {repo[1]!r} but revision={revision!r} was given")
+    return download(repo[0], revision or repo[1], cache_dir=hub_cache_dir, token=token,
+                    local_files_only=local_files_only, spec=str(path))
+
+
 def check_config(cfg: dict, where: str = CONFIG) -> tuple[TowerConfig, dict]:
     """A model config's tower and text side, checked in full before anything is built: the
     tower's types, options and cost (`TowerConfig.from_dict`, `flame.vision.check_tower_cost`),
@@ -363,18 +380,8 @@ class FlameModel(nn.Module):
         to Hub repos only. The text side's LLM is loaded only when `encode_text` meets an
         uncached text: `llm` overrides its spec, `llm_device` places it, `force_llm` accepts
         other weights, `cache_dir` holds the text cache (not the Hub cache)."""
-        from flame.hub import download, hub_repo
-
-        repo = hub_repo(path)
-        if repo is None:
-            if revision is not None:
-                raise FlameError(f"{path}: revision={revision!r} applies to Hugging Face repos, not a local folder")
-            folder = resolve_model_folder(path)
-        else:
-            if revision is not None and repo[1] is not None and revision != repo[1]:
-                raise FlameError(f"{path}: names revision {repo[1]!r} but revision={revision!r} was given")
-            folder = download(repo[0], revision or repo[1], cache_dir=hub_cache_dir, token=token,
-                              local_files_only=local_files_only, spec=str(path))
+        folder = model_folder(path, revision, hub_cache_dir=hub_cache_dir, local_files_only=local_files_only,
+                              token=token)
         model = cls.load(folder)
         model.text_options = {"llm": llm, "device": llm_device, "force": force_llm, "cache_dir": cache_dir}
         if device == "auto":

@@ -87,6 +87,20 @@ def read_evals(paths: Sequence[str | Path]) -> list[dict]:
     return results
 
 
+def metric_name(metric: str) -> str:
+    """CLIP_benchmark's metric key in words (image_retrieval_recall@k: each caption finds its image)."""
+    for prefix, words in (("image_retrieval_recall@", "text-to-image recall@"),
+                          ("text_retrieval_recall@", "image-to-text recall@")):
+        if metric.startswith(prefix):
+            return words + metric[len(prefix):]
+    return METRIC_NAMES.get(metric, metric)
+
+
+def _dataset(r: dict) -> str:
+    """A result's dataset as the card names it: its suite name if it has one, else its dataset."""
+    return str(public(r["name"] if isinstance(r.get("name"), str) and r["name"] else r["dataset"]))
+
+
 def eval_results(results: Sequence[dict]) -> list:
     """`flame eval` results as huggingface_hub EvalResults (one per finite metric)."""
     from huggingface_hub import EvalResult
@@ -94,13 +108,13 @@ def eval_results(results: Sequence[dict]) -> list:
     out = []
     for r in results:
         task_type, task_name = TASKS[r["task"]]
-        name = public(r["dataset"])
+        name = _dataset(r)
         for metric, value in r["metrics"].items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 continue
             out.append(EvalResult(task_type=task_type, task_name=task_name, dataset_type=name, dataset_name=name,
                                   dataset_split=r.get("split") if isinstance(r.get("split"), str) else "test",
-                                  metric_type=metric, metric_name=METRIC_NAMES.get(metric, metric),
+                                  metric_type=metric, metric_name=metric_name(metric),
                                   metric_value=round(float(value), 6)))
     return out
 
@@ -172,14 +186,15 @@ def _training(train: dict | None, provenance: dict | None) -> list[str]:
                      ("optimizer steps", train.get("steps")), ("processes", world),
                      ("global batch", batch or None)], ("data", "")), ""]
     keys = [k for k in RECIPE if k in cfg] + [k for k in cfg if k not in RECIPE and k not in _SKIP]
-    out += [*_table([(k, cfg[k]) for k in keys], ("setting", "value")), ""]
+    rows = [(k, "default" if cfg[k] is None else cfg[k]) for k in keys]  # None: the default, resolved at run time
+    out += [*_table(rows, ("setting", "value")), ""]
     return out
 
 
 def _evaluation(results: Sequence[dict]) -> list[str]:
     if not results:
         return ["## Evaluation", "", "No `flame eval` results were given (`flame push --eval FILE.json`).", ""]
-    rows = [(public(r["dataset"]), r["task"], r.get("prompts", ""), m, f"{v:.4f}")
+    rows = [(_dataset(r), r["task"], r.get("prompts", ""), m, f"{v:.4f}")
             for r in results for m, v in r["metrics"].items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
     return ["## Evaluation", "", "With `flame eval` (CLIP_benchmark's metrics):", "",

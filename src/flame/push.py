@@ -42,6 +42,30 @@ class Config:
                                   help="write the model folder and card here and upload nothing")
 
 
+def _digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_same_model(results: list[dict], source: Path | None, path: str) -> None:
+    """A result whose "model" (the folder `flame eval` loaded) exists here and holds other weights
+    than the model pushed is refused: its numbers would describe a different model."""
+    from flame.errors import FlameError
+
+    for r in results:
+        named = Path(str(r.get("model") or ""))
+        if source is None or not r.get("model") or not (named / "model.safetensors").is_file():
+            continue
+        if named.resolve() != Path(source).resolve() and _digest(named) != _digest(Path(source)):
+            raise FlameError(f"--eval {path}: its results are of {named}, not of the model pushed ({source}); "
+                             f"evaluate this model (flame eval --model {source}) or leave the file out")
+
+
 def main(cfg: Config) -> int:
     from flame.hub import check_repo_id
     from flame.model import FlameModel
@@ -50,6 +74,8 @@ def main(cfg: Config) -> int:
     check_repo_id(cfg.repo)
     results = read_evals(cfg.eval)
     model = FlameModel.from_pretrained(cfg.model)
+    for path in cfg.eval:
+        check_same_model(read_evals([path]), model.source, path)
     what = f"{model.source} ({len(results)} eval result(s) in the card)"
     if cfg.dry_run:
         folder = model.save_pretrained(Path(cfg.dry_run), repo_id=cfg.repo, evals=results)

@@ -144,7 +144,7 @@ def test_a_folder_or_repo_with_a_pickle_instead_of_safetensors_is_refused(offlin
         FlameModel.from_pretrained(weights_only)
     cache = tmp_path / "hub"
     cache_commit(cache, "flame-org/pickled", folder, _commit(3))
-    with pytest.raises(FlameError, match="flame-org/pickled has no model.safetensors, only pytorch_model.bin"):
+    with pytest.raises(FlameError, match="flame-org/pickled .*has no model.safetensors, only pytorch_model.bin"):
         FlameModel.from_pretrained("flame-org/pickled", hub_cache_dir=cache)
     assert not ran.exists()
 
@@ -265,3 +265,24 @@ def test_a_model_without_a_run_record_or_results_gets_a_card_that_says_so(tmp_pa
     model = FlameModel.from_pretrained(models[0])
     text = model.model_card(repo_id="me/tiny")
     assert "No training record" in text and "No `flame eval` results" in text and "model-index" not in text
+
+
+def test_flame_eval_reads_the_text_side_of_a_repo_from_the_cache(offline, hub_cache, models, monkeypatch):
+    from flame.evaluate.cli import text_side_of
+
+    monkeypatch.setattr(offline, "HF_HUB_CACHE", str(hub_cache))
+    assert text_side_of(REPO, None) == FlameModel.read_config(models[1])["text"]
+
+
+def test_flame_push_refuses_results_of_another_model(run, tmp_path, capsys, monkeypatch):
+    hub = FakeHub(monkeypatch, tmp_path)
+    other = run / "checkpoint-2"  # the same run's older weights
+    (tmp_path / "other.json").write_text(json.dumps(
+        {"dataset": "x", "model": str(other), "task": "linear_probe", "metrics": {"lp_acc1": 0.5}}))
+    r = run_flame(capsys, "push", run, "me/tiny", "--eval", tmp_path / "other.json")
+    assert r.code == 2 and "its results are of" in r.error and "checkpoint-2" in r.error and hub.calls == []
+    same = shutil.copytree(run / "checkpoint-4", tmp_path / "copy")  # the same weights elsewhere
+    (tmp_path / "same.json").write_text(json.dumps(
+        {"dataset": "x", "model": str(same), "task": "linear_probe", "metrics": {"lp_acc1": 0.5}}))
+    assert run_flame(capsys, "push", run, "me/tiny", "--eval", tmp_path / "same.json").code == 0
+    assert "| x | linear_probe |  | lp_acc1 | 0.5000 |" in hub.uploaded["README.md"].decode()
