@@ -5,10 +5,12 @@ A saved model is a folder with `model.safetensors` (tower, projector, logit scal
 store manifest's text side (LLM spec + fingerprint, layer, positions, prompt sets, facets,
 k, dim), "image": {"size", "mean", "std"}}.
 
-For users: `FlameModel.from_pretrained(run or checkpoint folder)`, then `encode_image` (PIL
-images or a preprocessed batch), `encode_text` (through a lazily built `flame.textenc.TextEncoder`,
-which loads the LLM only for texts not yet in its disk cache) and `image_features` (pooled trunk
-features for linear probes).
+For users: `FlameModel.from_pretrained(run or checkpoint folder, or Hub repo ORG/NAME)`, then
+`encode_image` (PIL images or a preprocessed batch), `encode_text` (through a lazily built
+`flame.textenc.TextEncoder`, which loads the LLM only for texts not yet in its disk cache) and
+`image_features` (pooled trunk features for linear probes). Sharing: `save_pretrained(folder)` adds
+a README.md model card (`flame.modelcard`) to the two files; `push_to_hub(ORG/NAME)` uploads that
+folder (`flame.hub`, which also decides what string is a repo id).
 
 Evaluation preprocessing (`preprocess`, the CLIP/open_clip eval transform): convert to RGB,
 resize the shorter side to S with bicubic interpolation (antialiased), centre-crop S x S,
