@@ -99,7 +99,7 @@ def _listing(repo: str, revision: str | None, token, snapshot: Path) -> list[str
     """The repo's file names (the Hub's listing when online, else what the cached snapshot holds)."""
     from huggingface_hub import HfApi, constants
 
-    if not constants.is_offline_mode():
+    if not constants.HF_HUB_OFFLINE:
         try:
             return HfApi().list_repo_files(repo, revision=revision, token=token)
         except (OSError, ValueError):
@@ -111,8 +111,8 @@ def _not_cached(where: str, cache_dir, local_only: bool, e: Exception) -> FlameE
     from huggingface_hub import constants
 
     cache = cache_dir or constants.HF_HUB_CACHE
-    if local_only or constants.is_offline_mode():
-        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "local_files_only=True"
+    if local_only or constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only=True"
         return FlameError(f"{where} is not in the Hugging Face cache {cache} and {why}, so nothing can be downloaded: "
                           f"run once online (or `hf download`) first")
     return FlameError(f"{where}: cannot download it and it is not in the Hugging Face cache {cache} ({first_line(e)})")
