@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("flame.evaluate.cli", "zero-shot classification, retrieval, linear probe (CLIP_benchmark metrics)"),
     "bench": ("flame.benchmarks", "performance figures (facets, store, train); --json FILE saves them"),
     "convert": ("flame.convert", "the FLAME release's open_clip checkpoint -> a FlameModel folder"),
+    "push": ("flame.push", "a run or model folder -> a Hugging Face Hub repo, with a generated model card"),
     "search": ("flame.search", "index a photo folder with a trained model, query it with text, HTML contact sheet"),
     "demo": ("flame.demo", "generated scenes -> embed -> train -> eval, FLAME beside a CLIP baseline, with a report"),
 }

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 from flame.config import setting
 from flame.errors import FlameError
-from flame.release import RELEASE_LAYER, RELEASE_LLM, release_text_side
+from flame.release import RELEASE_LAYER, RELEASE_LLM, RELEASE_ORIGIN, release_text_side
 from flame.vision import TowerConfig
 from flame.weights import load_torch
 
@@ -305,6 +305,20 @@ def _check_replaceable(out: Path) -> None:
         raise FlameError(refuse.format(f"no {CONFIG} of format {FORMAT}"))
 
 
+def provenance(checkpoint: Path, config: ReleaseConfig) -> dict:
+    """What config.json records about the converted weights' origin (the model card shows it)."""
+    import hashlib
+
+    from flame import __version__
+
+    h = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return {"origin": RELEASE_ORIGIN, "converted_by": f"flame convert (flame {__version__})",
+            "release_config": config.name, "checkpoint": checkpoint.name, "checkpoint_sha256": h.hexdigest()}
+
+
 def convert(checkpoint: str | Path, out: str | Path, config: str | ReleaseConfig = DEFAULT_CONFIG,
             overwrite: bool = False) -> dict:
     """Convert and write the FlameModel folder `out` atomically; returns a summary."""
@@ -323,6 +337,7 @@ def convert(checkpoint: str | Path, out: str | Path, config: str | ReleaseConfig
     mapped, dropped = map_release_state(state)
     check_against(mapped, cfg, state)
     model = FlameModel(cfg.tower_config(), cfg.text_side())
+    model.provenance = provenance(Path(checkpoint), cfg)
     own = model.state_dict()
     with torch.no_grad():
         for key, value in mapped.items():

@@ -5,10 +5,12 @@ A saved model is a folder with `model.safetensors` (tower, projector, logit scal
 store manifest's text side (LLM spec + fingerprint, layer, positions, prompt sets, facets,
 k, dim), "image": {"size", "mean", "std"}}.
 
-For users: `FlameModel.from_pretrained(run or checkpoint folder)`, then `encode_image` (PIL
-images or a preprocessed batch), `encode_text` (through a lazily built `flame.textenc.TextEncoder`,
-which loads the LLM only for texts not yet in its disk cache) and `image_features` (pooled trunk
-features for linear probes).
+For users: `FlameModel.from_pretrained(run or checkpoint folder, or Hub repo ORG/NAME)`, then
+`encode_image` (PIL images or a preprocessed batch), `encode_text` (through a lazily built
+`flame.textenc.TextEncoder`, which loads the LLM only for texts not yet in its disk cache) and
+`image_features` (pooled trunk features for linear probes). Sharing: `save_pretrained(folder)` adds
+a README.md model card (`flame.modelcard`) to the two files; `push_to_hub(ORG/NAME)` uploads that
+folder (`flame.hub`, which also decides what string is a repo id).
 
 Evaluation preprocessing (`preprocess`, the CLIP/open_clip eval transform): convert to RGB,
 resize the shorter side to S with bicubic interpolation (antialiased), centre-crop S x S,
@@ -27,13 +29,12 @@ from torch import nn
 
 from flame.errors import FlameError, first_line
 from flame.fileio import write_atomic
+from flame.hub import CARD, CONFIG, WEIGHTS
 from flame.loss import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE, clamp_logit_scale_
 from flame.vision import ImageTower, TowerConfig
 
 FORMAT = "flame-model"
 VERSION = 1
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 TEXT_KEYS = ("llm", "layer", "positions", "prompt_sets", "facets", "k", "dim", "normalized", "max_caption_tokens")
 
 
@@ -46,6 +47,7 @@ def resolve_model_folder(path: str | Path) -> Path:
     """A run folder -> its latest checkpoint holding a model (`flame.runfolder`'s one rule:
     `latest`, then the ledger, then the highest step); a checkpoint/model folder -> itself.
     Anything else is one FlameError naming what was expected."""
+    from flame.hub import missing_weights, pickles_in
     from flame.runfolder import MODEL_FILES, latest_checkpoint
 
     path = Path(path).expanduser()
@@ -55,11 +57,31 @@ def resolve_model_folder(path: str | Path) -> Path:
         found = latest_checkpoint(path, MODEL_FILES)
         if found is not None:
             return found
+        names = [p.name for p in path.iterdir()]
+        if pickles_in(names):
+            raise missing_weights(str(path), names)
     what = "does not exist" if not path.exists() else "is not a FLAME model"
     raise FlameError(
         f"{path} {what}: expected a run folder (from flame train) or a checkpoint/model folder "
         f"holding {CONFIG} and {WEIGHTS}"
     )
+
+
+def model_folder(path: str | Path, revision: str | None = None, hub_cache_dir: str | Path | None = None,
+                 local_files_only: bool = False, token: str | bool | None = None) -> Path:
+    """The folder holding the model `path` names: `resolve_model_folder` for a local path, the
+    Hugging Face cache's snapshot for a Hub repo (which string is which: `flame.hub`)."""
+    from flame.hub import download, hub_repo
+
+    repo = hub_repo(path)
+    if repo is None:
+        if revision is not None:
+            raise FlameError(f"{path}: revision={revision!r} applies to Hugging Face repos, not a local folder")
+        return resolve_model_folder(path)
+    if revision is not None and repo[1] is not None and revision != repo[1]:
+        raise FlameError(f"{path}: names revision {repo[1]!r} but revision={revision!r} was given")
+    return download(repo[0], revision or repo[1], cache_dir=hub_cache_dir, token=token,
+                    local_files_only=local_files_only, spec=str(path))
 
 
 def check_config(cfg: dict, where: str = CONFIG) -> tuple[TowerConfig, dict]:
@@ -125,6 +147,17 @@ def check_text_side(text, where: str = "text") -> dict:
     return text
 
 
+def check_provenance(value, where: str = "provenance") -> dict | None:
+    """config.json's optional "provenance" (a converted model's origin): text and numbers only."""
+    if value is None:
+        return None
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, int, float))) for k, v in value.items())
+    if not ok:
+        _fail(where, "an object of names and plain values", value)
+    return dict(value)
+
+
 def _to_rgb(image):
     """As every decode path sees a photo: EXIF orientation applied, 16-bit greyscale scaled."""
     from flame.data.images import as_rgb
@@ -141,6 +174,7 @@ class FlameModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         self.logit_bias = nn.Parameter(torch.tensor(INIT_LOGIT_BIAS))
         self.source: Path | None = None  # the folder this model was loaded from
+        self.provenance: dict | None = None  # where converted weights came from (config.json "provenance")
         self.text_options: dict = {}  # TextEncoder options (llm, device, force, cache_dir)
         self._text_encoder = None
         self._fingerprint: str | None = None
@@ -159,13 +193,16 @@ class FlameModel(nn.Module):
         return tuple(self.visual.trunk.std)
 
     def config(self) -> dict:
-        return {
+        cfg = {
             "format": FORMAT,
             "version": VERSION,
             "tower": self.tower_config.to_dict(),
             "text": self.text,
             "image": {"size": self.image_size, "mean": list(self.mean), "std": list(self.std)},
         }
+        if self.provenance:
+            cfg["provenance"] = dict(self.provenance)
+        return cfg
 
     @property
     def device(self) -> torch.device:
@@ -299,11 +336,17 @@ class FlameModel(nn.Module):
     def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> FlameModel:
         from safetensors.torch import load_file
 
+        from flame.hub import missing_weights, pickles_in
+
+        weights = Path(folder) / WEIGHTS
+        names = [p.name for p in Path(folder).iterdir()] if Path(folder).is_dir() else []
+        if not weights.is_file() and pickles_in(names):  # before the config: pickles are refused as such
+            raise missing_weights(str(folder), names)
         cfg = cls.read_config(folder)
         model = cls.from_config(cfg, str(Path(folder) / CONFIG))
-        weights = Path(folder) / WEIGHTS
         if not weights.is_file():
-            raise FlameError(f"{folder} has no {WEIGHTS}")
+            raise missing_weights(str(folder), names)
+        model.provenance = check_provenance(cfg.get("provenance"), f"{Path(folder) / CONFIG}: provenance")
         from safetensors import SafetensorError
 
         try:
@@ -322,14 +365,68 @@ class FlameModel(nn.Module):
         llm_device: str | None = None,
         force_llm: bool = False,
         cache_dir: str | Path | None = None,
+        revision: str | None = None,
+        hub_cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
     ) -> FlameModel:
-        """Load a model for use, in eval mode on `device` (default CPU; "auto": CUDA if present). `path`: a run folder
-        (its latest checkpoint) or a checkpoint/model folder. The text side's LLM is loaded
-        only when `encode_text` meets an uncached text: `llm` overrides its spec, `llm_device`
-        places it, `force_llm` accepts other weights, `cache_dir` holds the text cache."""
-        folder = resolve_model_folder(path)
+        """Load a model for use, in eval mode on `device` (default CPU; "auto": CUDA if present).
+
+        `path`: a run folder (its latest checkpoint), a checkpoint/model folder, or a Hugging Face
+        Hub repo: `hf-hub:ORG/NAME[@REVISION]` always, `ORG/NAME` when no such local path exists
+        (an existing path always wins; see `flame.hub`). A repo is read through huggingface_hub:
+        only config.json and model.safetensors are fetched, into its cache (`hub_cache_dir`, else
+        HF_HUB_CACHE / HF_HOME), at `revision` (branch, tag or commit; default main); with
+        HF_HUB_OFFLINE=1 or `local_files_only` only the cache is used. Safetensors only: a folder
+        or repo holding a pickle instead is refused and nothing is executed. `revision` applies
+        to Hub repos only. The text side's LLM is loaded only when `encode_text` meets an
+        uncached text: `llm` overrides its spec, `llm_device` places it, `force_llm` accepts
+        other weights, `cache_dir` holds the text cache (not the Hub cache)."""
+        folder = model_folder(path, revision, hub_cache_dir=hub_cache_dir, local_files_only=local_files_only,
+                              token=token)
         model = cls.load(folder)
         model.text_options = {"llm": llm, "device": llm_device, "force": force_llm, "cache_dir": cache_dir}
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return model.to(device or "cpu").eval()
+
+    # -- sharing ------------------------------------------------------------------------
+    def model_card(self, name: str | None = None, repo_id: str | None = None, evals: Sequence = ()) -> str:
+        """README.md for this model (`flame.modelcard`): its run's train-config.json when it was
+        loaded from a run's checkpoint, `evals`: `flame eval` result dicts or JSON files."""
+        from flame.modelcard import model_card, read_evals, train_record
+
+        results = [e for e in evals if isinstance(e, dict)] + read_evals([e for e in evals if not isinstance(e, dict)])
+        name = name or (repo_id.split("/")[-1] if repo_id else None) or "FLAME model"
+        return model_card(self.config(), name, repo=repo_id, train=train_record(self.source), results=results)
+
+    def save_pretrained(self, folder: str | Path, repo_id: str | None = None, evals: Sequence = ()) -> Path:
+        """Write a self-contained model folder: model.safetensors, config.json and a README.md
+        model card (`model_card`). `folder` must be new, empty or such a folder (it is replaced
+        file by file, each atomically); anything else is refused."""
+        from safetensors.torch import save
+
+        from flame.hub import check_target
+
+        folder = check_target(Path(folder).expanduser())
+        card = self.model_card(name=None if repo_id else folder.name, repo_id=repo_id, evals=evals)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / WEIGHTS, save(state, metadata={"format": FORMAT}))
+        write_atomic(folder / CONFIG, json.dumps(self.config(), indent=2) + "\n")
+        write_atomic(folder / CARD, card)
+        return folder
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | bool | None = None, evals: Sequence = ()) -> str:
+        """Upload `save_pretrained`'s folder to the Hub repo `repo_id` (created if needed; the
+        branch `revision` too) as one commit through huggingface_hub's HfApi; returns its URL."""
+        import tempfile
+
+        from flame.hub import check_repo_id, upload
+
+        check_repo_id(repo_id)
+        with tempfile.TemporaryDirectory(prefix="flame-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], repo_id=repo_id, evals=evals)
+            return upload(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                          token=token)

@@ -333,3 +333,27 @@ def test_help_shows_defaults_from_the_config(capsys):
         _convert(capsys, "--help")
     out = " ".join(capsys.readouterr().out.split())
     assert "(default FLAME-Mistral-Nemo-ViT-B-16)" in out and "--config FILE" in out
+
+
+def test_a_converted_model_records_its_provenance_and_its_card_shows_it(tmp_path, capsys, release):
+    import hashlib
+
+    from huggingface_hub import ModelCard
+
+    root, model = release
+    ckpt = _save(model, tmp_path / "epoch_32.pt", module=False, wrapped=True)
+    assert _convert(capsys, ckpt, "--out", tmp_path / "flame", "--config", root / "tiny.json")[0] == 0
+    prov = json.loads((tmp_path / "flame" / "config.json").read_text())["provenance"]
+    assert prov["checkpoint"] == "epoch_32.pt" and prov["release_config"] == "tiny"
+    assert prov["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert prov["origin"].startswith("FLAME release") and prov["converted_by"].startswith("flame convert")
+    converted = FlameModel.from_pretrained(tmp_path / "flame")
+    assert converted.provenance == prov
+    code, out, err = run_flame(capsys, "push", tmp_path / "flame", "me/flame-tiny", "--dry-run", tmp_path / "shared")
+    assert code == 0, err
+    card = ModelCard.load(tmp_path / "shared" / "README.md")
+    assert card.data.model_name == "flame-tiny" and "Converted, not trained here" in card.text
+    assert f"| checkpoint_sha256 | {prov['checkpoint_sha256']} |" in card.text
+    assert "| LLM | mistralai/Mistral-Nemo-Instruct-2407 |" in card.text and "| hidden-state layer | 39 |" in card.text
+    again = FlameModel.from_pretrained(tmp_path / "shared")
+    assert again.provenance == prov  # save_pretrained keeps it

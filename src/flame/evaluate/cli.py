@@ -47,7 +47,8 @@ class Config:
     """`flame eval` settings; `check()` holds the rules between them."""
 
     model: str | None = setting(None, metavar="M", group="what",
-                                help="run folder (latest checkpoint) or checkpoint/model folder")
+                                help="run folder (latest checkpoint), checkpoint/model folder, or Hugging Face repo "
+                                     "ORG/NAME or hf-hub:ORG/NAME[@REV]")
     task: str | None = setting(None, group="what", shown="by the dataset",
                                help="zeroshot-classification | retrieval | linear-probe")
     dataset: str | None = setting(None, metavar="PATH", group="what", help="dataset folder or CSV/JSONL file")
@@ -318,11 +319,11 @@ def checked(entry):
 def text_side_of(model: str | None, store: str | None) -> dict:
     """The text side to encode with: the model's, else the embedding store's (`Config.check`
     lets exactly one through)."""
-    from flame.model import FlameModel, resolve_model_folder, text_side
+    from flame.model import FlameModel, model_folder, text_side
     from flame.store import EmbeddingStore
 
     if model:
-        return FlameModel.read_config(resolve_model_folder(model)).get("text") or {}
+        return FlameModel.read_config(model_folder(model)).get("text") or {}
     return text_side(EmbeddingStore(store).manifest)
 
 
