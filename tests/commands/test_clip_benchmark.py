@@ -57,6 +57,7 @@ def _same(cb: dict, ours: dict) -> None:
         assert abs(v - ours[k]) <= TOL, (k, v, ours[k])
 
 
+@pytest.mark.slow
 def test_zero_shot_through_clip_benchmarks_command_line_is_flame_eval(bench, capsys):
     out = bench / "cb-colours.json"
     # its command line in a process of its own, as a user runs it; --no_amp: its logits in float32
@@ -72,6 +73,7 @@ def test_zero_shot_through_clip_benchmarks_command_line_is_flame_eval(bench, cap
     _same(cb["metrics"], ours["metrics"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompts", [None, "long"])
 def test_retrieval_through_clip_benchmarks_command_line_is_flame_eval(bench, capsys, prompts):
     out = bench / f"cb-captions-{prompts}.json"
