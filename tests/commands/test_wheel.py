@@ -89,3 +89,12 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path, tiny_llm_dir)
     assert torch.allclose(torch.tensor(got["image"]), model.encode_image(image), atol=1e-6)
     text = model.encode_text(["a red square", "a blue circle"])
     assert torch.allclose(torch.tensor(got["text"]), text, atol=1e-6)
+
+
+def test_version_flag(capsys):
+    from flame.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flame {flame.__version__}"
