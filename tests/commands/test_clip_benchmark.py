@@ -90,9 +90,9 @@ def test_retrieval_through_clip_benchmarks_command_line_is_flame_eval(bench, cap
     _same(cb["metrics"], ours["metrics"])
 
 
-def test_a_folder_that_is_no_model_is_one_line_exit_2(bench, capsys, tmp_path):
+def test_a_folder_that_is_no_model_is_one_line_exit_2(capsys, tmp_path):
     capsys.readouterr()
-    args = _cb_args(bench, "colours", "zeroshot_classification", tmp_path / "x.json")
+    args = _cb_args(tmp_path, "colours", "zeroshot_classification", tmp_path / "x.json")
     args[args.index("--pretrained") + 1] = str(tmp_path)
     assert cb_main(args) == 2
     assert "is not a FLAME model" in one_line(capsys.readouterr().err)

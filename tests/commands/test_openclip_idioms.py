@@ -52,7 +52,6 @@ def readme_snippet(model_name: str, image_paths, labels):
     return torch.stack(rows)
 
 
-@pytest.mark.slow
 def test_open_clip_readme_snippet_gives_flame_evals_result(colour_model, capsys):
     folder, model_dir = colour_model / "set", colour_model / "model"
     ds = load_dataset(folder)
