@@ -20,6 +20,12 @@ _EXPORTS = {
     "MultiPositiveSigmoidLoss": "flame.loss",
     "FlameModel": "flame.model",
     "TextEncoder": "flame.textenc",
+    "create_model": "flame.factory",
+    "create_model_and_transforms": "flame.factory",
+    "create_model_from_pretrained": "flame.factory",
+    "get_tokenizer": "flame.factory",
+    "FlameTokenizer": "flame.tokenizer",
+    "TextBatch": "flame.tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+from flame import __version__
 from flame import config as settings
 from flame.errors import FlameError
 
@@ -180,6 +181,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="FLAME: train CLIP-style image encoders against a frozen LLM's multi-facet embeddings.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"flame {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         _add_command(sub, name, module, help_text, load=name == command)

@@ -265,14 +265,19 @@ class FlameModel(nn.Module):
                 torch.stack([transform(im) for im in images[i : i + batch_size]])
                 for i in range(0, len(images), batch_size)
             )
-        parts = [fn(x.to(self.device, torch.float32)).float().to(out_device) for x in batches]
+        # float32 whatever autocast the caller runs under (open_clip/CLIP_benchmark code wraps calls in
+        # torch.autocast): the vectors are those `flame eval` computes
+        with torch.autocast(self.device.type, enabled=False):
+            parts = [fn(x.to(self.device, torch.float32)).float().to(out_device) for x in batches]
         return torch.cat(parts) if parts else torch.empty(0, width, device=out_device)
 
     @torch.no_grad()
-    def encode_image(self, images, batch_size: int = 256) -> torch.Tensor:
+    def encode_image(self, images, batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
         """PIL images (preprocessed here, see `preprocess`) or a preprocessed batch [B,3,S,S]
-        -> L2-normalised float32 [B, D]."""
-        return self._run(self.visual, images, batch_size, self.tower_config.embed_dim)
+        -> L2-normalised float32 [B, D]; `normalize=False` (open_clip's flag): the pooled projection
+        before the norm."""
+        fn = self.visual if normalize else self.visual.project
+        return self._run(fn, images, batch_size, self.tower_config.embed_dim)
 
     @torch.no_grad()
     def image_features(self, images, batch_size: int = 256) -> torch.Tensor:
@@ -288,11 +293,21 @@ class FlameModel(nn.Module):
             self._text_encoder = TextEncoder(self.text, **self.text_options)
         return self._text_encoder
 
-    def encode_text(self, texts: Sequence[str], prompts="raw", progress: bool = False) -> torch.Tensor:
+    def encode_text(self, texts: Sequence[str], prompts=None, progress: bool = False,
+                    normalize: bool = True) -> torch.Tensor:
         """Texts -> L2-normalised float32 [N, D] in the image space. `prompts`: "raw" (short text,
-        class prompts), "short", "long" (long or multi-sentence text), or a PromptSet. Cached on
-        disk; the LLM is loaded only for texts not cached yet."""
-        return self.text_encoder.encode(texts, prompts=prompts, progress=progress)
+        class prompts; the default), "short", "long" (long or multi-sentence text), or a PromptSet.
+        `texts` may be a `flame.tokenizer.TextBatch` (`flame.get_tokenizer(model)(texts)`): its
+        prompt set, unless `prompts` is given, and its device (`.to(device)`) for the result.
+        `normalize` is open_clip's flag: a FLAME text vector is unit length by definition (the
+        facet mean's L2 norm, FLAME.md section 6, with no projection after it), so both values
+        return the same vectors. Cached on disk; the LLM is loaded only for texts not cached yet."""
+        del normalize  # see the docstring: the text side's vectors are the normalised ones
+        device = getattr(texts, "device", None)
+        prompts = prompts or getattr(texts, "prompts", None) or "raw"
+        vectors = self.text_encoder.encode(texts if isinstance(texts, str) else list(texts), prompts=prompts,
+                                           progress=progress)
+        return vectors if device is None else vectors.to(device)
 
     def clamp_(self) -> None:
         clamp_logit_scale_(self.logit_scale)

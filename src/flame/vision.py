@@ -318,13 +318,17 @@ class ImageTower(nn.Module):
         """Pooled trunk features before the projector (what linear probing uses): [B, width]."""
         return self.trunk(images)[:, self.trunk.num_prefix_tokens :].mean(dim=1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def project(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled projection before the L2 norm, float32 [B, D] (`encode_image(normalize=False)`)."""
         tokens = self.trunk(images)[:, self.trunk.num_prefix_tokens :]  # patch tokens only
         if self.config.pool_first:
             pooled = self.projector(tokens.mean(dim=1))
         else:
             pooled = self.projector(tokens).mean(dim=1)
-        return F.normalize(pooled.float(), dim=-1)
+        return pooled.float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project(images), dim=-1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from support.commands import one_line, run_flame
+from support.evalsets import colour_word_llm
 
 from flame.cli import main as flame_main
 from flame.data.synthetic import COLORS, combos, sample
@@ -114,53 +115,6 @@ def cache(tmp_path_factory):
     mp.setenv("FLAME_CACHE", str(path))
     yield path
     mp.undo()
-
-
-def colour_word_llm(src: Path, dst: Path) -> Path:
-    """The tiny LLM (same architecture and tokenizer) rewired so that a caption's vector is decided by
-    its colour word: the tokens unique to colour c embed as the c-th basis vector, every other token
-    (prompt, shape, filler) as zero; attention is uniform (q = k = 0) with value/output maps that
-    pass the first dimensions through; MLPs are off. Every hidden state of a caption is then a
-    multiple of its colour's basis vector, so the six colours' vectors are orthogonal. (At its
-    random init the tiny LLM gives these captions near-identical vectors, pairwise cosine 0.99, which
-    a few seconds of training cannot separate.)"""
-    import shutil
-
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from flame.prompts import PROMPT_SETS
-
-    shutil.copytree(src, dst)
-    tok = AutoTokenizer.from_pretrained(dst)
-    model = LlamaForCausalLM.from_pretrained(dst)
-    cfg = model.config
-    head = cfg.hidden_size // cfg.num_attention_heads
-    rep = cfg.num_attention_heads // cfg.num_key_value_heads
-    raw = PROMPT_SETS["raw"]
-    shared = set(tok(raw.prefix.replace("{cap}", "a circle square in the center.") + " ".join(raw.facets))["input_ids"])
-    per_word = [set(tok(" " + w)["input_ids"]) - shared for w in COLOR_NAMES]
-    own = [{t for t in ids if not any(t in o for j, o in enumerate(per_word) if j != i)}
-           for i, ids in enumerate(per_word)]
-    assert all(own)  # every colour keeps a token of its own
-    with torch.no_grad():
-        model.model.embed_tokens.weight.zero_()
-        for c, ids in enumerate(own):
-            model.model.embed_tokens.weight[sorted(ids), c] = 1.0
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.q_proj.weight.zero_()
-            attn.k_proj.weight.zero_()
-            attn.v_proj.weight.copy_(torch.eye(*attn.v_proj.weight.shape))  # value = the first kv dims
-            o = torch.zeros_like(attn.o_proj.weight)  # heads repeat kv heads `rep` times: average them back
-            for kv in range(cfg.num_key_value_heads):
-                for r in range(rep):
-                    h = kv * rep + r
-                    o[kv * head:(kv + 1) * head, h * head:(h + 1) * head] = torch.eye(head) / rep
-            attn.o_proj.weight.copy_(o)
-            layer.mlp.down_proj.weight.zero_()
-    model.save_pretrained(dst)
-    return dst
 
 
 @pytest.fixture(scope="module")

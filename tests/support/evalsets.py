@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flame.data.synthetic import COLORS
+
 TEMPLATES = "a photo of a {c}.\n"
 COLOURS = {"red": (220, 20, 20), "blue": (20, 20, 220)}
 
@@ -75,3 +77,97 @@ def tiny_model_folder(folder: Path, llm_dir: Path) -> Path:
     torch.manual_seed(0)
     FlameModel(TowerConfig("vit-tiny", embed_dim=32, proj_hidden=32, image_size=32), text).save(folder)
     return folder
+
+
+PALETTE = COLORS  # flame.data.synthetic's six colours: `colour_word_llm` separates their names
+
+
+def palette_images(n: int) -> list[tuple[str, bytes]]:
+    """n (colour name, PNG bytes) pairs cycling through PALETTE's six colours, each its own noise."""
+    names = list(PALETTE)
+    return [(names[i % len(names)], png(PALETTE[names[i % len(names)]], seed=100 + i)) for i in range(n)]
+
+
+def palette_folder(root: Path, n: int = 12, template: str = "a photo of a {c}.") -> Path:
+    """A class-folder set root/COLOUR/i.png over PALETTE, with one zero-shot template."""
+    for i, (name, data) in enumerate(palette_images(n)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / f"{i:03d}.png").write_bytes(data)
+    (root / "zeroshot_classification_templates.txt").write_text(template + "\n")
+    return root
+
+
+def palette_wds(root: Path, kind: str, n: int = 24, shards: int = 2) -> Path:
+    """CLIP_benchmark's webdataset layout (test/nshards.txt, test/{0..}.tar; classnames.txt and
+    templates, or dataset_type.txt = retrieval) over PALETTE: classification samples carry their
+    colour's index (`cls`), retrieval samples two captions no other sample has (`txt`)."""
+    import webdataset as wds
+
+    (root / "test").mkdir(parents=True)
+    items = palette_images(n)
+    per = -(-n // shards)
+    for j in range(shards):
+        with wds.TarWriter(str(root / "test" / f"{j}.tar")) as sink:
+            for i in range(j * per, min(n, (j + 1) * per)):
+                name, data = items[i]
+                rec = {"__key__": f"s{i:05d}", "png": data}
+                if kind == "retrieval":
+                    rec["txt"] = (f"a {name} square photographed on day {i} against a plain background\n"
+                                  f"picture number {i} showing one {name} square")
+                else:
+                    rec["cls"] = str(list(PALETTE).index(name))
+                sink.write(rec)
+    (root / "test" / "nshards.txt").write_text(f"{shards}\n")
+    if kind == "retrieval":
+        (root / "dataset_type.txt").write_text("retrieval\n")
+    else:
+        (root / "classnames.txt").write_text("\n".join(PALETTE) + "\n")
+        (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nan image of a {c}.\n")
+    return root
+
+
+def colour_word_llm(src: Path, dst: Path) -> Path:
+    """The tiny LLM (same architecture and tokenizer) rewired so that a caption's vector is decided by
+    its colour word: the tokens unique to colour c embed as the c-th basis vector, every other token
+    (prompt, shape, filler) as zero; attention is uniform (q = k = 0) with value/output maps that
+    pass the first dimensions through; MLPs are off. Every hidden state of a caption is then a
+    multiple of its colour's basis vector, so the six colours' vectors are orthogonal. (At its
+    random init the tiny LLM gives these captions near-identical vectors, pairwise cosine 0.99, which
+    a few seconds of training cannot separate.)"""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from flame.prompts import PROMPT_SETS
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    model = LlamaForCausalLM.from_pretrained(dst)
+    cfg = model.config
+    head = cfg.hidden_size // cfg.num_attention_heads
+    rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    raw = PROMPT_SETS["raw"]
+    shared = set(tok(raw.prefix.replace("{cap}", "a circle square in the center.") + " ".join(raw.facets))["input_ids"])
+    per_word = [set(tok(" " + w)["input_ids"]) - shared for w in COLORS]
+    own = [{t for t in ids if not any(t in o for j, o in enumerate(per_word) if j != i)}
+           for i, ids in enumerate(per_word)]
+    assert all(own)  # every colour keeps a token of its own
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        for c, ids in enumerate(own):
+            model.model.embed_tokens.weight[sorted(ids), c] = 1.0
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.weight.zero_()
+            attn.k_proj.weight.zero_()
+            attn.v_proj.weight.copy_(torch.eye(*attn.v_proj.weight.shape))  # value = the first kv dims
+            o = torch.zeros_like(attn.o_proj.weight)  # heads repeat kv heads `rep` times: average them back
+            for kv in range(cfg.num_key_value_heads):
+                for r in range(rep):
+                    h = kv * rep + r
+                    o[kv * head:(kv + 1) * head, h * head:(h + 1) * head] = torch.eye(head) / rep
+            attn.o_proj.weight.copy_(o)
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(dst)
+    return dst
