@@ -9,7 +9,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from flame.benchmarks.base import BenchConfig, report
@@ -46,6 +45,8 @@ class _PeakRSS:
     """Peak resident memory above the starting level while the block runs (sampled)."""
 
     def __enter__(self):
+        import psutil  # here: `flame bench gpu` imports this module and must not need psutil
+
         self.proc, self.base, self.peak, self._run = psutil.Process(), psutil.Process().memory_info().rss, 0, True
         self.peak = self.base
 

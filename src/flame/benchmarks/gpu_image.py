@@ -137,6 +137,8 @@ def _variant(ctx: Context, s: dict, batch: dict, flops: float, checkpointing: bo
     if sheet:
         out["mfu_datasheet"] = flops / seconds / (sheet * 1e12)
     del model, step
+    if compiled and hasattr(torch, "_dynamo"):
+        torch._dynamo.reset()  # the compiled graphs go with the model
     free(ctx.device)
     return out
 

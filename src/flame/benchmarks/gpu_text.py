@@ -56,7 +56,9 @@ def build_llm(tokenizer, shape: dict, layers: int, device: torch.device, dtype: 
             model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(before)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if next(model.parameters()).dtype != dtype:  # a transformers that built it in its own default
+        model.to(dtype)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _linear_params(block: torch.nn.Module) -> int:
