@@ -181,7 +181,7 @@ def facet_pass(ctx: Context) -> dict:
     shape, layers = (TINY, 2) if ctx.quick else (NEMO, 4)
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     model = build_llm(tokenizer, shape, layers, ctx.device, dtype)
-    n, (lo, hi) = (12, (20, 40)) if ctx.quick else (1536, (100, 200))
+    n, (lo, hi) = (12, (20, 40)) if ctx.quick else (1024, (100, 200))
     captions = make_captions(tokenizer, n=n, lo=lo, hi=hi, seed=1)
     out = {"model": {**shape, "layers": layers, "vocab": len(tokenizer), "dtype": str(dtype).replace("torch.", ""),
                      "parameters": sum(p.numel() for p in model.parameters())},
