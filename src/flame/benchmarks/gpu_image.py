@@ -76,11 +76,12 @@ def _model(s: dict, device: torch.device, checkpointing: bool):
 
 def make_step(ctx: Context, model, batch: dict, compiled: bool):
     """One `flame train` step on `batch` as the trainer runs it once the batch is loaded: copy to the
-    device, normalise, forward under bf16 autocast (CUDA), the FLAME loss, backward, the non-finite
-    guard, AdamW (weight-decay groups), the schedule, zero_grad, the logit-scale clamp."""
+    device, normalise (mean/std on the device once), forward under bf16 autocast (CUDA), the FLAME
+    loss against the fp16 texts, backward, the non-finite guard's device flag, AdamW (fused where
+    torch has it) skipping on that flag, the schedule, zero_grad, the logit-scale clamp."""
     from flame.data.images import normalize_images
     from flame.loss import DEFAULT_LOSS, make_loss
-    from flame.train.guard import NonFiniteGuard
+    from flame.train.guard import NonFiniteGuard, step_unless
     from flame.train.optim import adamw, param_groups, schedule
 
     device = ctx.device
@@ -88,17 +89,16 @@ def make_step(ctx: Context, model, batch: dict, compiled: bool):
     sched = schedule(opt, 2000, 100_000, 5e-4, 0.0)
     loss_fn, guard = make_loss(DEFAULT_LOSS), NonFiniteGuard(20, device)
     forward = torch.compile(model) if compiled else model
-    mean, std = model.mean, model.std
+    norm = [torch.tensor(v, dtype=torch.float32, device=device) for v in (model.mean, model.std)]
 
     def step():
         images = batch["images"].to(device, non_blocking=True)
-        texts = batch["texts"].to(device, non_blocking=True).float()
+        texts = batch["texts"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.cuda):
-            out = forward(normalize_images(images, mean, std))
+            out = forward(normalize_images(images, *norm))
             loss = loss_fn(out["image"], texts, out["logit_scale"], out["logit_bias"])
         loss.backward()
-        if not guard.skip(loss, model):
-            opt.step()
+        step_unless(opt, guard.flag(loss, model))
         sched.step()
         opt.zero_grad(set_to_none=True)
         model.clamp_()
