@@ -2,7 +2,7 @@
 
 Each sub-command is a stage module named in `COMMANDS`. A module with one action exposes
 `Config` (a dataclass of `flame.config.setting` fields) and `main(cfg) -> int`; a module with
-several (`flame search index|query`, `flame bench facets|store|train`) exposes
+several (`flame search index|query`, `flame bench facets|gpu|store|train`) exposes
 `ACTIONS = {name: (Config, main, help)}`. Optional `DESCRIPTION` and `EPILOG` strings fill the
 help page. Every flag, its "(default ...)" text and `--config FILE` are generated here from the
 dataclass; a `FlameError` becomes one line and exit 2 (a traceback only with `--debug`).
@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("flame.embed", "captions (webdataset shards, caption tables) -> facet embedding store"),
     "train": ("flame.train", "image shards + embedding store -> run folder with checkpoints"),
     "eval": ("flame.evaluate.cli", "zero-shot classification, retrieval, linear probe (CLIP_benchmark metrics)"),
-    "bench": ("flame.benchmarks", "performance figures (facets, store, train); --json FILE saves them"),
+    "bench": ("flame.benchmarks", "performance figures (facets, gpu, store, train); --json FILE saves them"),
     "convert": ("flame.convert", "the FLAME release's open_clip checkpoint -> a FlameModel folder"),
     "push": ("flame.push", "a run or model folder -> a Hugging Face Hub repo, with a generated model card"),
     "search": ("flame.search", "index a photo folder with a trained model, query it with text, HTML contact sheet"),

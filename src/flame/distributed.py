@@ -107,13 +107,25 @@ def init(device: str = "auto", timeout: datetime.timedelta = datetime.timedelta(
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
-        if control if control is not None else backend != "gloo":
-            global _control
-            _control = dist.new_group(backend="gloo", timeout=timeout)
+        start_group(dev, timeout, control)
     return dev
+
+
+def start_group(dev: torch.device, timeout: datetime.timedelta, control: bool | None = None) -> None:
+    """The process group from the launcher's environment: nccl on CUDA, gloo on the CPU, and the
+    gloo control group as `init` says. `init` starts it for a job of several ranks; `flame bench
+    gpu` starts it at world size 1 to check NCCL and the side channel on one GPU."""
+    global _control
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    if control if control is not None else backend != "gloo":
+        _control = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def control_group():
+    """The gloo group of control messages beside nccl (None: the default group carries them)."""
+    return _control
 
 
 def shutdown() -> None:

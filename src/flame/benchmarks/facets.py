@@ -9,13 +9,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from flame.benchmarks.base import BenchConfig, report
 from flame.config import at_least, setting
 
-_WORDS = (
+WORDS = (
     "a an the old young small large red blue green yellow wooden stone glass bright dark quiet busy "
     "dog cat horse bird child woman man group couple team crowd car bicycle boat train bus tree flower "
     "house bridge street market river lake beach mountain forest field garden kitchen table window door "
@@ -33,7 +32,7 @@ def make_captions(tokenizer, n: int = 64, lo: int = 100, hi: int = 200, seed: in
         target = rng.randint(lo, hi)
         words: list[str] = []
         while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < target:
-            words.extend(rng.choice(_WORDS) for _ in range(8))
+            words.extend(rng.choice(WORDS) for _ in range(8))
             if rng.random() < 0.3:
                 words[-1] += ","
         while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) > target:
@@ -46,6 +45,8 @@ class _PeakRSS:
     """Peak resident memory above the starting level while the block runs (sampled)."""
 
     def __enter__(self):
+        import psutil  # here: `flame bench gpu` imports this module and must not need psutil
+
         self.proc, self.base, self.peak, self._run = psutil.Process(), psutil.Process().memory_info().rss, 0, True
         self.peak = self.base
 
