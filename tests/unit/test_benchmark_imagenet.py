@@ -24,7 +24,7 @@ import pytest
 import torch
 from support.commands import run_flame
 from support.evalsets import add_member, tiny_model_folder
-from support.zeroshot import class_logits, classification, same_metrics, write_image
+from support.zeroshot import class_logits, classification, image_bytes, same_metrics, write_image
 
 from flame.errors import FlameError
 from flame.evaluate.benchmark import Options, read_benchmark, run_benchmark
@@ -360,3 +360,22 @@ def test_the_command_exits_2_with_one_line(tiny, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert "imagenet1k: 1 of 2 images are missing" in lines[0] and "ILSVRC2012_val_00000002.JPEG" in lines[0]
+
+
+def test_wds_imagenet1k_in_other_languages_takes_the_package_names(tmp_path):
+    import tarfile
+
+    root = tmp_path / "wds_imagenet1k"
+    (root / "test").mkdir(parents=True)
+    with tarfile.open(root / "test" / "0.tar", "w") as tf:
+        for i, c in enumerate((0, 999)):
+            add_member(tf, f"s{i}.jpg", image_bytes(i))
+            add_member(tf, f"s{i}.cls", str(c).encode())
+    (root / "test" / "nshards.txt").write_text("1\n")
+    own = [f"own name {i}" for i in range(1000)]
+    (root / "classnames.txt").write_text("\n".join(own) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    data = read_benchmark("imagenet1k-multilingual", tmp_path, Options(languages=("en", "jp")))
+    assert (data.name, data.format, [it.label for it in data.items]) == ("wds/imagenet1k", "wds", [0, 999])
+    assert data.texts["en"] == (own, ["a photo of a {c}."])  # the set's own files, as CLIP_benchmark reads wds
+    assert data.texts["jp"] == (IC.names("jp"), IC.templates("jp"))

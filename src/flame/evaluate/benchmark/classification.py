@@ -15,6 +15,7 @@ from pathlib import Path
 
 from flame.errors import FlameError
 from flame.evaluate.benchmark.base import SHOW_MISSING, Options, not_this
+from flame.evaluate.classtexts import ClassTexts, class_texts
 from flame.evaluate.datasets import EvalDataset, Item, load_dataset
 
 
@@ -78,18 +79,20 @@ def wds_layout(root: Path, name: str, n_classes: int, langs: tuple[str, ...]) ->
     folder = next((d for d in (root, root / f"wds_{name}") if (d / "test" / "nshards.txt").is_file()), None)
     if folder is None:
         return None
-    texts, items = {}, None
+    ds = load_dataset(folder, "zeroshot_classification", "en", name)  # labels read once, English names
+    if ds.kind != "classification":
+        raise not_this(root, name, f"a classification set (its dataset_type.txt says {ds.kind})")
+    if ds.classnames is None or len(ds.classnames) != n_classes:
+        got = len(ds.classnames) if ds.classnames else "no"
+        raise not_this(root, name, f"{n_classes} class names in its classnames.txt, not {got}")
+    texts = {}
     for lang in langs:
-        ds = load_dataset(folder, "zeroshot_classification", lang, name)
-        if ds.kind != "classification":
-            raise not_this(root, name, f"a classification set (its dataset_type.txt says {ds.kind})")
-        if ds.template_error:
-            raise FlameError(ds.template_error)
-        if ds.classnames is None or len(ds.classnames) != n_classes:
-            got = len(ds.classnames) if ds.classnames else "no"
-            raise not_this(root, name, f"{n_classes} class names in its classnames.txt, not {got}")
-        texts[lang] = (ds.classnames, ds.templates)
-        items = ds.items("test")
+        found = (ClassTexts(ds.classnames, ds.templates, ds.template_error) if lang == "en"
+                 else class_texts(ds.path, name, lang, ds.classnames, ds.templates, None))
+        if found.error:
+            raise FlameError(found.error)
+        texts[lang] = (found.classnames, found.templates)
+    items = ds.items("test")
     return ClassSet(f"wds/{name}", folder, items, texts, format="wds", record={"layout": "wds"})
 
 
