@@ -18,6 +18,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,14 @@ def place(pairs, root: Path, folder_of) -> list[tuple[Path, int]]:
     return out
 
 
-def brute(model, placed, names, templates) -> dict:
+def same_protocol(result, model, placed, names, templates) -> dict:
+    """Every metric, and the count of images whose top-1 class is tied, as the brute force has them."""
     files, labels = [f for f, _ in placed], [c for _, c in placed]
-    return classification(class_logits(model, files, names, templates), labels)
+    logits = class_logits(model, files, names, templates)
+    expected = classification(logits, labels)
+    same_metrics(result, expected)
+    assert result["ties"] == sum(int((row == row.max()).sum()) > 1 for row in logits)
+    return expected
 
 
 def check(result, placed, names, templates, dataset: str, language: str = "en"):
@@ -117,8 +123,7 @@ def test_imagenet_a_is_200_way_over_its_wnids_with_the_80_templates(model, tmp_p
     [result] = run_benchmark("imagenet-a", model, tmp_path, OPTS)  # ROOT holding imagenet-a/
     assert result["benchmark"] == "imagenet-a"
     check(result, placed, names, templates, "imagenet-a")
-    expected = brute(model, placed, names, templates)
-    same_metrics(result, expected)
+    expected = same_protocol(result, model, placed, names, templates)
     assert 0 < expected["acc1"] < expected["acc5"] < 1
     # clip-benchmark's own builder on the same folder: the same 200 names, the same label per image
     ds = package_builder("imagenet-a", tmp_path / "imagenet-a")
@@ -145,7 +150,7 @@ def test_imagenet_r_missing_class_is_refused_and_allow_missing_keeps_200_way(mod
     assert (result["missing_classes"], result["missing_classes_first"]) == (1, [gone])
     assert result["expected_images"] == len(placed)
     check(result, kept, names, templates, "imagenet-r")  # still 200 classes, labels unshifted
-    same_metrics(result, brute(model, kept, names, templates))
+    same_protocol(result, model, kept, names, templates)
 
 
 def test_a_folder_that_is_not_the_subset_is_not_this_benchmark(tmp_path):
@@ -171,7 +176,7 @@ def test_imagenetv2_labels_are_the_folder_numbers(model, tmp_path, one_template)
     [result] = run_benchmark("imagenetv2", model, tmp_path, ALLOW)
     assert result["expected_images"] == 10_000 and result["missing_class_folders"] == 1000 - len(set(label.values()))
     check(result, placed, names, templates, "imagenetv2")
-    same_metrics(result, brute(model, placed, names, templates))
+    same_protocol(result, model, placed, names, templates)
     (root / "extra").mkdir()
     with pytest.raises(FlameError, match="extra is not an ImageNetV2 class folder"):
         read_benchmark("imagenetv2", tmp_path, OPTS)
@@ -189,7 +194,7 @@ def test_imagenet_sketch_partial_set_with_allow_missing(model, tmp_path, one_tem
     assert result["missing_classes"] == 1000 - len({c for _, c in placed})
     assert result["expected_images"] == 50_889
     check(result, placed, names, templates, "imagenet_sketch")
-    same_metrics(result, brute(model, placed, names, templates))
+    same_protocol(result, model, placed, names, templates)
 
 
 # ---- ImageNet-1k: torchvision's meta.bin + val/<wnid>/, five languages -----------------------------
@@ -215,7 +220,7 @@ def test_imagenet1k_torchvision_layout(model, tmp_path, one_template, monkeypatc
     [result] = run_benchmark("imagenet1k", model, root, OPTS)
     names, templates = IC.names("en"), IC.templates("en")
     check(result, placed, names, templates, "imagenet1k")
-    same_metrics(result, brute(model, placed, names, templates))
+    same_protocol(result, model, placed, names, templates)
     gone = placed[5][0]
     gone.unlink()
     with pytest.raises(FlameError, match=rf"imagenet1k: 1 of {len(placed)} images are missing \(.*{gone.name}\)"):
@@ -230,7 +235,7 @@ def test_imagenet1k_in_five_languages(model, tmp_path, one_template, monkeypatch
     for r in results:
         names, templates = IC.names(r["language"]), IC.templates(r["language"])
         check(r, placed, names, templates, "imagenet1k", r["language"])
-        same_metrics(r, brute(model, placed, names, templates))
+        same_protocol(r, model, placed, names, templates)
     assert 0 < results[-1]["metrics"]["acc1"] < 1  # steered on the jp names
     picked = run_benchmark("imagenet1k", model, root, Options(workers=0, progress=False, languages=("jp", "it")))
     assert [(r["language"], r["metrics"]) for r in picked] == [(r["language"], r["metrics"]) for r in results[::-1][:2]]
@@ -275,7 +280,7 @@ def test_objectnet_mapped_folders_only(model, tmp_path, few_templates):
     write_image(base / "images" / "unmapped_thing" / "x.png", 5, "PNG")
     [result] = run_benchmark("objectnet", model, tmp_path, OPTS)
     check(result, placed, names, templates, "objectnet")
-    same_metrics(result, brute(model, placed, names, templates))
+    same_protocol(result, model, placed, names, templates)
     from clip_benchmark.datasets.objectnet import ObjectNetDataset
 
     ref = ObjectNetDataset(root=str(tmp_path), transform=None)
@@ -285,14 +290,10 @@ def test_objectnet_mapped_folders_only(model, tmp_path, few_templates):
 
 
 # ---- CLIP_benchmark's wds layout ----------------------------------------------------------------
-def test_the_wds_layout_is_read_with_its_own_names_and_templates(model, tmp_path):
-    names = [f"thing {i}" for i in range(200)]
-    templates = ["a photo of a {c}.", "art of the {c}."]
-    pairs = steered(model, tmp_path, names, templates, ".jpg", extra=12, fixed=[])
-    root = tmp_path / "wds_imagenet-a"
-    (root / "test").mkdir(parents=True)
+def write_wds(root: Path, pairs, names: list[str], templates: list[str]) -> Path:
     import tarfile
 
+    (root / "test").mkdir(parents=True)
     with tarfile.open(root / "test" / "0.tar", "w") as tf:
         for i, (f, c) in enumerate(pairs):
             add_member(tf, f"s{i:04d}.jpg", f.read_bytes())
@@ -300,13 +301,35 @@ def test_the_wds_layout_is_read_with_its_own_names_and_templates(model, tmp_path
     (root / "test" / "nshards.txt").write_text("1\n")
     (root / "classnames.txt").write_text("\n".join(names) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    return root
+
+
+def test_the_wds_layout_is_read_with_its_own_names_and_templates(model, tmp_path):
+    names = [f"thing {i}" for i in range(200)]
+    templates = ["a photo of a {c}.", "art of the {c}."]
+    pairs = steered(model, tmp_path, names, templates, ".jpg", extra=12, fixed=[])
+    root = write_wds(tmp_path / "wds_imagenet-a", pairs, names, templates)
     [result] = run_benchmark("imagenet-a", model, tmp_path, OPTS)  # ROOT holding wds_imagenet-a
     assert result["layout"] == "wds"
     check(result, pairs, names, templates, "wds/imagenet-a")
-    same_metrics(result, brute(model, pairs, names, templates))
+    same_protocol(result, model, pairs, names, templates)
     (root / "classnames.txt").write_text("\n".join(names + ["one more"]) + "\n")
     with pytest.raises(FlameError, match="is not imagenet-a: expected 200 class names in its classnames.txt, not 201"):
         read_benchmark("imagenet-a", root, OPTS)
+
+
+def test_classes_with_one_name_tie_and_the_ties_are_counted(model, tmp_path):
+    """One name, one vector: an image whose top class has a twin is decided by torch.topk, not by
+    the model. ImageNet's English names repeat two (so do the other languages')."""
+    counts = Counter(IC.names("en"))
+    assert {n for n, k in counts.items() if k > 1} == {"missile", "sunglasses"}
+    names = [f"thing {i // 2}" for i in range(200)]  # every class has a twin
+    templates = ["a photo of a {c}."]
+    pairs = steered(model, tmp_path, names, templates, ".jpg", extra=9, fixed=[])
+    write_wds(tmp_path / "wds_imagenet-a", pairs, names, templates)
+    [result] = run_benchmark("imagenet-a", model, tmp_path, OPTS)
+    assert result["ties"] == len(pairs)
+    same_protocol(result, model, pairs, names, templates)
 
 
 # ---- bad input: one line, exit 2 ------------------------------------------------------------------
