@@ -73,10 +73,12 @@ def test_every_language_against_its_first_caption(tiny, tmp_path):
     for r in results[:-1]:
         assert (r["benchmark"], r["dataset"], r["task"], r["prompts"]) == ("xm3600", "crossmodal3600",
                                                                           "zeroshot_retrieval", "raw")
-        assert (r["images"], r["texts"]) == (N, N)
+        assert (r["images"], r["texts"], r["truncated"], r["context_length"]) == (N, N, 0, 512)
+        assert set(r["ties"]) == {"image_retrieval", "text_retrieval"}
         same_metrics(r, recall_at_1(model, files, [caption(r["language"], i, 0) for i in range(N)]))
     mean = results[-1]
     assert mean["languages"] == list(ML.XM3600_LANGUAGES)
+    assert mean["ties"] == {d: sum(r["ties"][d] for r in results[:-1]) for d in ("image_retrieval", "text_retrieval")}
     for k in ML.METRICS:
         assert mean["metrics"][k] == pytest.approx(sum(r["metrics"][k] for r in results[:-1]) / 36)
 

@@ -6,9 +6,10 @@ ROOT may hold them itself or in `xm3600/` (CLIP_benchmark's layout); the images 
 further down (`images/<folder>/<key>.jpg`, should the tarball have a top folder). Per language:
 every image against **the first raw caption** of that language (`caption[0]`, as CLIP_benchmark's
 annotation file takes it), the raw prompt set (its English wrapper around any language), I2T and
-T2I recall@1 (the release's `--recall_k 1`); one result per language and a `mean` entry, the
-unweighted mean over the languages evaluated. All 3,600 images are required (CLIP_benchmark only
-warns about missing ones).
+T2I recall@1 (the release's `--recall_k 1`) through the benchmark retrieval runner (CLIP_benchmark's
+512-token caption cap, `truncated` and `ties` counted); one result per language and a `mean` entry,
+the unweighted mean over the languages evaluated (its `truncated` and `ties` summed over them).
+All 3,600 images are required (CLIP_benchmark only warns about missing ones).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flame.errors import FlameError
-from flame.evaluate.benchmark.base import Benchmark, Options, not_this, present, read_jsonl
+from flame.evaluate.benchmark.base import CLIP_BENCHMARK_CAP, Benchmark, Options, not_this, present, read_jsonl
 from flame.evaluate.benchmark.classification import short
-from flame.evaluate.datasets import EvalDataset, Item
+from flame.evaluate.benchmark.retrieval import RetrievalSet
+from flame.evaluate.benchmark.retrieval import retrieve as run_retrieval
+from flame.evaluate.datasets import Item
 
 # the 36 codes exactly as the release passes them (CLIP_benchmark's SUPPORTED_LANGUAGES)
 XM3600_LANGUAGES = ("ar bn cs da de el en es fa fi fil fr he hi hr hu id it ja ko mi nl no pl pt quz ro ru sv sw te th "
@@ -89,27 +92,22 @@ def read_xm3600(root: Path, opts: Options) -> XM3600:
     return XM3600(data, [folder / f"{keys[i]}.jpg" for i in keep], captions, record)
 
 
-def retrieve(model, ds: EvalDataset, opts: Options) -> dict:
-    """One language's retrieval (the generic one, for now: recall@1 of CLIP_benchmark's protocol)."""
-    from flame.evaluate.tasks import evaluate
-
-    result = evaluate(model, ds, "zeroshot_retrieval", "raw", **opts.image_options())
-    result["metrics"] = {k: result["metrics"][k] for k in METRICS}
-    return result
+def retrieve(model, data: XM3600, lang: str, opts: Options) -> dict:
+    """One language through the benchmark retrieval runner: raw set, CLIP_benchmark's 512-token cap
+    on the caption, recall@1 by torch.topk (CLIP_benchmark's), truncated captions and ties counted."""
+    caps = data.captions[lang]
+    pairs = RetrievalSet(data.path, "crossmodal3600", [Item(file=str(p)) for p in data.images], caps,
+                         list(range(len(caps))), language=lang, record=data.record)
+    return run_retrieval(model, pairs, opts, prompts="raw", ks=(1,), context_length=CLIP_BENCHMARK_CAP)
 
 
 def evaluate_xm3600(model, data: XM3600, opts: Options) -> list[dict]:
-    results = []
-    for lang, caps in data.captions.items():
-        items = [Item(file=str(p), captions=[c]) for p, c in zip(data.images, caps)]
-        ds = EvalDataset(data.path, "crossmodal3600", "table", "retrieval", {"test": items}, language=lang)
-        result = retrieve(model, ds, opts)
-        result.update(texts=len(caps), **data.record)
-        results.append(result)
+    results = [retrieve(model, data, lang, opts) for lang in data.captions]
     mean = {k: sum(r["metrics"][k] for r in results) / len(results) for k in METRICS}
     results.append({"dataset": "crossmodal3600", "model": results[0]["model"], "task": "zeroshot_retrieval",
                     "language": "mean", "metrics": mean, "prompts": "raw", "languages": list(data.captions),
-                    "images": results[0]["images"], **data.record})
+                    "images": results[0]["images"], "truncated": sum(r["truncated"] for r in results),
+                    "ties": {k: sum(r["ties"][k] for r in results) for k in results[0]["ties"]}, **data.record})
     return results
 
 
