@@ -31,7 +31,8 @@ def read_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def _package_dir() -> Path | None:
+def package_dir() -> Path | None:
+    """The installed clip-benchmark package's `datasets/` folder (its shipped data files), or None."""
     spec = importlib.util.find_spec("clip_benchmark")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -39,7 +40,7 @@ def _package_dir() -> Path | None:
 
 
 def shipped_languages() -> list[str]:
-    folder = _package_dir()
+    folder = package_dir()
     if folder is None:
         return []
     return sorted(p.name[: -len("_classnames.json")] for p in folder.glob("*_classnames.json"))
@@ -47,7 +48,7 @@ def shipped_languages() -> list[str]:
 
 def shipped(kind: str, language: str, name: str) -> tuple[object | None, list[str]]:
     """(value for dataset `name` or None, the dataset names the file has) from `{lang}_{kind}.json`."""
-    folder = _package_dir()
+    folder = package_dir()
     f = folder / f"{language}_{kind}.json" if folder else None
     if f is None or not f.is_file():
         return None, []

@@ -61,6 +61,16 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[s
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": mean_per_class_recall(logits.argmax(1), target)}
 
 
+def top1_ties(logits: torch.Tensor) -> int:
+    """Rows whose highest logit is shared by another class (exactly): where torch.topk, not the
+    model, decides the prediction. Classes with the same name have the same vector, and ImageNet's
+    OpenAI names repeat two ("missile", "sunglasses")."""
+    if logits.shape[1] < 2 or not len(logits):
+        return 0
+    top = logits.float().topk(2, dim=1).values
+    return int((top[:, 0] == top[:, 1]).sum())
+
+
 def zeroshot_logits(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
     """CLIP's zero-shot logits: 100 * normalised image . class vector (no bias)."""
     return 100.0 * F.normalize(image_emb.float(), dim=-1) @ class_emb.float().T

@@ -3,7 +3,8 @@
 `evaluate(model, ds, task)` returns CLIP_benchmark's result shape:
 ``{"dataset", "model", "task", "language", "metrics", ...}`` with `task` spelled as CLIP_benchmark
 spells it (`zeroshot_classification`, `zeroshot_retrieval`, `linear_probe`) plus what we used
-(`prompts`, `images`, `skipped_images`).
+(`prompts`, `images`, `skipped_images`; zero-shot classification also `ties`, the images whose
+highest logit another class shares exactly).
 
 Texts go through `text.encode(texts, prompts)` (default: the model's `TextEncoder`, which caches
 every vector on disk); images through `images.split_vectors` (cached per model and dataset).
@@ -119,8 +120,10 @@ def evaluate(
         vec = _readable(model, ds, "test", "embed", img)
         classes = M.class_vectors(emb.view(len(ds.classnames), len(ds.templates), -1))
         labels = torch.tensor(labels)
-        metrics = M.classification_metrics(M.zeroshot_logits(vec.vectors[vec.ok], classes), labels[vec.ok])
-        result.update(prompts=prompts, templates=len(ds.templates), classes=len(ds.classnames))
+        logits = M.zeroshot_logits(vec.vectors[vec.ok], classes)
+        metrics = M.classification_metrics(logits, labels[vec.ok])
+        result.update(prompts=prompts, templates=len(ds.templates), classes=len(ds.classnames),
+                      ties=M.top1_ties(logits))
     elif task == "zeroshot_retrieval":
         items = ds.items("test")
         emb = text.encode([c for it in items for c in it.captions], prompts=prompts, progress=progress)

@@ -14,7 +14,7 @@ from flame.evaluate.benchmark.base import Benchmark, Options
 
 BENCHMARKS: dict[str, Benchmark] = {}
 # the modules holding the entries, each a `BENCHMARKS` tuple; imported on first use
-FAMILIES: tuple[str, ...] = ("longcaption", "shortcaption", "sugarcrepe", "winoground")
+FAMILIES: tuple[str, ...] = ("longcaption", "shortcaption", "sugarcrepe", "winoground", "imagenet", "multilingual")
 
 
 def register(*benchmarks: Benchmark) -> None:
