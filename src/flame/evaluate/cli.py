@@ -237,9 +237,9 @@ def write_results(cfg: Config, results) -> None:
 def benchmark_options(cfg: Config):
     from flame.evaluate.benchmark import Options
 
+    languages = tuple(x.strip() for x in (cfg.language or "").split(",") if x.strip())  # "en, jp" too
     return Options(allow_missing=cfg.allow_missing, batch_size=cfg.batch_size, workers=cfg.workers,
-                   progress=cfg.progress, max_unreadable=cfg.max_unreadable,
-                   languages=tuple(cfg.language.split(",")) if cfg.language else None)
+                   progress=cfg.progress, max_unreadable=cfg.max_unreadable, languages=languages or None)
 
 
 def run_paper(cfg: Config) -> int:
