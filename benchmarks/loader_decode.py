@@ -4,7 +4,7 @@ JPEGs (quality 90) of 500x375 and 1600x1200 at image size 224, and worker scalin
 Rounds are interleaved (full, reduced, full, ...) and medians reported, so load from other
 processes hits both paths alike.
 
-    nice -n 15 .venv/bin/python benchmarks/loader_decode.py [--samples 96] [--rounds 3] [--json F]
+    nice -n 15 .venv/bin/python benchmarks/loader_decode.py [--seconds 6] [--rounds 3] [--json F]
 """
 
 from __future__ import annotations
@@ -74,43 +74,63 @@ def store(root: Path, paths: list[Path], k: int = 2, dim: int = 8):
     return st
 
 
-def rate(paths: list[Path], st, workers: int, reduced: bool, samples: int, batch: int) -> float:
-    """images/s of the DataLoader over `samples` images after the first batch (workers started)."""
+def rate(paths: list[Path], st, workers: int, reduced: bool, seconds: float, batch: int) -> float:
+    """images/s of the DataLoader over about `seconds` after the first batch (workers started)."""
     from flame.data.images import StreamConfig, make_loader
 
     cfg = StreamConfig(shards=[str(p) for p in paths], store=str(st.path), image_size=224, batch_size=batch, m=1,
                        eligible=[0, 1], reduced_decode=reduced)
     it = iter(make_loader(cfg, workers))
     next(it)
-    n = max(1, samples // batch - 1)
-    t0 = time.perf_counter()
-    for _ in range(n):
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - t0 < seconds:
         next(it)
-    seconds = time.perf_counter() - t0
+        n += 1
+    elapsed = time.perf_counter() - t0
     del it
-    return n * batch / seconds
+    return n * batch / elapsed
+
+
+def decode_rates(data: list[bytes], rounds: int) -> tuple[float, float]:
+    """images/s of `load_image` alone in this process, full and reduced decode alternated image by
+    image, each first half the time (the least noisy comparison on a shared machine): medians."""
+    import random
+
+    from flame.data.images import load_image
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for i, d in enumerate(data):
+            for reduced in ((False, True) if (r + i) % 2 == 0 else (True, False)):  # each goes first half the time
+                t = time.perf_counter()
+                load_image(d, 224, random.Random(r * 100 + i), reduce=reduced)
+                times[reduced].append(time.perf_counter() - t)
+    return 1 / statistics.median(times[False]), 1 / statistics.median(times[True])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=96, help="images per measurement")
+    ap.add_argument("--seconds", type=float, default=6.0, help="seconds per loader measurement")
+    ap.add_argument("--samples", type=int, default=64, help="images in the shards per photo size")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    rows = []
+    rows, decode = [], []
     with tempfile.TemporaryDirectory(prefix="flame-loader-decode-") as tmp:
         for w, h in SIZES:
             root = Path(tmp) / f"{w}x{h}"
             root.mkdir()
             # 2 workers x (shards) so that both workers have whole shards to read
-            paths = shards(root, w, h, 2 * args.samples, per_shard=args.samples // 2)
+            paths = shards(root, w, h, args.samples, per_shard=max(1, args.samples // 4))
             st = store(root, paths)
+            full, red = decode_rates([photo(w, h, seed) for seed in range(4)], args.rounds * 3)
+            decode.append({"photo": f"{w}x{h}", "full_img_s": full, "reduced_img_s": red, "ratio": red / full})
             for workers in (1, 2):
                 got: dict[bool, list[float]] = {False: [], True: []}
-                for _ in range(args.rounds):
-                    for reduced in (False, True):
-                        got[reduced].append(rate(paths, st, workers, reduced, args.samples * workers, args.batch))
+                for r in range(args.rounds):
+                    for reduced in ((False, True) if r % 2 == 0 else (True, False)):
+                        got[reduced].append(rate(paths, st, workers, reduced, args.seconds, args.batch))
                 full, red = statistics.median(got[False]), statistics.median(got[True])
                 rows.append({"photo": f"{w}x{h}", "workers": workers, "full_img_s": full, "reduced_img_s": red,
                              "full_per_worker": full / workers, "reduced_per_worker": red / workers,
@@ -121,6 +141,11 @@ def main() -> None:
         r["scaling_full"] = r["full_img_s"] / base["full_img_s"]
         r["scaling_reduced"] = r["reduced_img_s"] / base["reduced_img_s"]
     print(f"machine: {os.cpu_count()} CPUs; image size 224, crop scale 0.9-1 (flame train's default)")
+    print("decode + crop alone (one process, alternated image by image):")
+    for r in decode:
+        print(f"{r['photo']:>10}  full {r['full_img_s']:7.1f} img/s  reduced {r['reduced_img_s']:7.1f} img/s  "
+              f"ratio {r['ratio']:.2f}")
+    print("flame train's DataLoader (medians of interleaved rounds):")
     print(f"{'photo':>10} {'workers':>7} {'full img/s':>11} {'reduced img/s':>14} {'ratio':>6} "
           f"{'per worker full/red':>20} {'scaling full/red':>17}")
     for r in rows:
@@ -128,7 +153,7 @@ def main() -> None:
               f"{r['ratio']:>6.2f} {r['full_per_worker']:>9.1f}/{r['reduced_per_worker']:<9.1f} "
               f"{r['scaling_full']:>8.2f}/{r['scaling_reduced']:<8.2f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps({"decode": decode, "loader": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
