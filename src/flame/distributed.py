@@ -71,8 +71,23 @@ def launch_world_size() -> int:
 
 def set_local_launch(index: int, world: int, port: int) -> None:
     """The environment torchrun would give worker `index` of `world` on this host (`--devices`)."""
-    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(index), LOCAL_RANK=str(index), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+MAX_DEFAULT_WORKERS = 16
+
+
+def default_loader_workers() -> int:
+    """Data-loader processes per rank when the user sets none: this rank's share of the CPUs it
+    may run on (affinity / cgroup set, over LOCAL_WORLD_SIZE ranks on the host) less one for the
+    rank's own process, 1 to MAX_DEFAULT_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_DEFAULT_WORKERS, per_rank - 1))
 
 
 def free_port() -> int:

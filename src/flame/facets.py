@@ -76,6 +76,28 @@ def resolve_layers(layer: int | Sequence[int], n_layers: int) -> list[int]:
     return out
 
 
+def default_max_batch(batch_tokens: int, on_gpu: bool) -> int:
+    """Sequences per forward when the user sets none. On a GPU the token budget is what should bind:
+    no sequence is shorter than 16 tokens (template, caption, facet), so batch_tokens / 16 rows never
+    cut a batch before its budget (GEMMs of the full 65,536 rows even for the raw set). On the CPU
+    64, as ever (a batch there is already long enough to keep the cores busy)."""
+    return max(1, batch_tokens // 16) if on_gpu else 64
+
+
+@dataclass
+class Prepared:
+    """The host side of one `encode` call, done ahead of the model (`FacetEncoder.prepare`, e.g. on a
+    prefetch thread): the unique captions, their sequences and each batch's host tensors."""
+
+    cleaned: list[str]
+    unique: list[str]
+    items: list[_Item]
+    slot: dict[tuple[int, int], int]  # (item, facet in item) -> flat (caption, facet) row
+    batches: list[tuple[list[int], tuple]]  # (item indices, (ids, pos, group, last)) per forward
+    packed: bool
+    truncated: int  # captions shortened while preparing
+
+
 class FacetEncoder:
     """Captions -> [N, K, D] facet embeddings of a frozen LLM (see the module docstring).
 
@@ -90,7 +112,7 @@ class FacetEncoder:
         layer: int | Sequence[int] = -2,
         positions: str = "restart",
         batch_tokens: int | None = None,
-        max_batch: int = 64,
+        max_batch: int | None = None,
         max_length: int | None = None,
         max_caption_tokens: int | None = DEFAULT_MAX_CAPTION_TOKENS,
     ):
@@ -108,7 +130,8 @@ class FacetEncoder:
         # (benchmarks/pack_rows.py measured this beating block-diagonal multi-caption rows on CPU).
         on_gpu = next(model.parameters()).device.type == "cuda"
         self.batch_tokens = batch_tokens or (65536 if on_gpu else 4096)
-        self.max_batch = max_batch
+        self.max_batch = max_batch or default_max_batch(self.batch_tokens, on_gpu)
+        self._pin = on_gpu  # host tensors pinned, copied without blocking the host
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_caption_tokens = max_caption_tokens
         self.truncated = 0  # captions shortened by the caption cap or the context, over the encoder's life
@@ -187,19 +210,36 @@ class FacetEncoder:
     def _facets(self) -> list[list[int]]:
         return self._facet_ids
 
-    def _prefix(self, caption: str) -> tuple[list[int], bool]:
-        """Prefix ids for one caption, shortening only the caption when it is over `max_caption_tokens`
-        or the sequence would not fit the model's context. Returns (ids, truncated)."""
+    def _prefixes(self, captions: list[str]) -> list[tuple[list[int], bool]]:
+        """`_prefix` of every caption, the common case tokenized in one batch call of the (fast)
+        tokenizer: the ids are those of one call per caption; a caption over its room takes the
+        cutting path of `_prefix`."""
+        room, chars = self._room()
+        heads = [c[:chars] if chars is not None else c for c in captions]
+        texts = [self._before + c + self._after for c in heads]
+        ids = self.tokenizer(texts, add_special_tokens=True, split_special_tokens=True)["input_ids"] if texts else []
+        out = []
+        for cap, head, one in zip(captions, heads, ids):
+            out.append((one, len(head) < len(cap)) if len(one) <= room else self._prefix(cap))
+        return out
+
+    def _room(self) -> tuple[int, int | None]:
+        """(tokens a prefix may take, characters a caption is first cut to (None: no cap))."""
         facets = self._facet_ids
         room = self.max_length - (
             sum(map(len, facets)) if self.positions == "continue" else max(map(len, facets))
         )
+        if self.max_caption_tokens is None:
+            return room, None
+        return min(room, self._template + self.max_caption_tokens), self.max_caption_tokens * CHARS_PER_TOKEN
+
+    def _prefix(self, caption: str) -> tuple[list[int], bool]:
+        """Prefix ids for one caption, shortening only the caption when it is over `max_caption_tokens`
+        or the sequence would not fit the model's context. Returns (ids, truncated)."""
+        room, chars = self._room()
         cut = False
-        if self.max_caption_tokens is not None:
-            room = min(room, self._template + self.max_caption_tokens)
-            chars = self.max_caption_tokens * CHARS_PER_TOKEN
-            if len(caption) > chars:
-                caption, cut = caption[:chars], True
+        if chars is not None and len(caption) > chars:
+            caption, cut = caption[:chars], True
         ids = self._text_ids(self._before + caption + self._after)
         if len(ids) <= room:
             return ids, cut
@@ -237,8 +277,7 @@ class FacetEncoder:
         """Sequences to run and, per (caption, facet), where its embedding comes from."""
         items, where = [], []
         facets = self._facets()
-        for cap in captions:
-            prefix, cut = self._prefix(cap)
+        for prefix, cut in self._prefixes(captions):
             self.truncated += cut
             if packed:
                 where.extend((len(items), k) for k in range(len(facets)))
@@ -261,14 +300,15 @@ class FacetEncoder:
             cur.append(i)
         return batches + ([cur] if cur else [])
 
-    def _tensors(self, items: list[_Item]):
-        """input ids, additive 4-D mask, position ids and last-token index of each facet."""
+    def _host_tensors(self, items: list[_Item]) -> tuple[torch.Tensor, ...]:
+        """(input ids, position ids, group, last-token index of each facet) on the host, pinned for
+        a GPU. group: 0 prefix, k > 0 facet k, -1 padding (the mask is built from it on the device)."""
         pad = self.tokenizer.pad_token_id or 0
         T = max(it.length for it in items)
         B = len(items)
         ids = torch.full((B, T), pad, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
-        group = torch.full((B, T), -1, dtype=torch.long)  # 0 prefix, k>0 facet k, -1 padding
+        group = torch.full((B, T), -1, dtype=torch.long)
         last = torch.zeros((B, max(len(it.facets) for it in items)), dtype=torch.long)
         for b, it in enumerate(items):
             P = len(it.prefix)
@@ -284,22 +324,33 @@ class FacetEncoder:
                 group[b, t : t + n] = k + 1
                 t += n
                 last[b, k] = t - 1
+        out = (ids, pos, group, last)
+        return tuple(x.pin_memory() for x in out) if self._pin else out
+
+    def _mask(self, group: torch.Tensor) -> torch.Tensor:
+        """The facet-decoupled attention mask [B, 1, T, T], built where `group` is (the device)."""
+        B, T = group.shape
         q, kv = group[:, :, None], group[:, None, :]
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        causal = torch.ones(T, T, dtype=torch.bool, device=group.device).tril()
         allowed = causal & (kv >= 0) & (q >= 0) & ((kv == 0) | (kv == q))
-        allowed |= torch.eye(T, dtype=torch.bool)  # padding rows see themselves: no all-masked rows
+        allowed |= torch.eye(T, dtype=torch.bool, device=group.device)  # padding rows see themselves
         if self.model.config._attn_implementation == "sdpa":
-            return ids, allowed[:, None], pos, last  # a boolean mask keeps SDPA on its fast kernels
+            return allowed[:, None]  # a boolean mask keeps SDPA on its fast kernels
         dtype = self.model.dtype  # eager adds the mask to the scores
-        mask = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-        return ids, mask, pos, last
+        return torch.zeros(B, 1, T, T, dtype=dtype, device=group.device).masked_fill(
+            ~allowed[:, None], torch.finfo(dtype).min)
+
+    def _tensors(self, items: list[_Item]):
+        """input ids, 4-D mask, position ids and last-token index of each facet, on the host."""
+        ids, pos, group, last = self._host_tensors(items)
+        return ids, self._mask(group), pos, last
 
     # ---- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _hidden(self, items: list[_Item]) -> torch.Tensor:
-        """Run one batch; -> [B, max facets, D] float32 at each facet's last token."""
-        ids, mask, pos, last = self._tensors(items)
+    def _hidden(self, host: tuple[torch.Tensor, ...], tokens: int) -> torch.Tensor:
+        """Run one batch of `_host_tensors`; -> [B, max facets, D] float32 at each facet's last token."""
         device = next(self.model.parameters()).device
+        ids, pos, group, last = (x.to(device, non_blocking=True) for x in host)
         captured: dict[int, torch.Tensor] = {}
         deepest = max(self.layer)
 
@@ -313,21 +364,45 @@ class FacetEncoder:
 
         handles = [self._blocks[i - 1].register_forward_hook(hook(i)) for i in set(self.layer)]
         try:
-            self.model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=pos.to(device),
-                use_cache=False,
-            )
+            self.model(input_ids=ids, attention_mask=self._mask(group), position_ids=pos, use_cache=False)
         except _Stop:
             pass
         finally:
             for h in handles:
                 h.remove()
-        self.tokens += sum(it.length for it in items)
-        hidden = torch.stack([captured[i].float() for i in self.layer]).mean(0)
-        index = last.to(device)[:, :, None].expand(-1, -1, hidden.shape[-1])
-        return hidden.gather(1, index).cpu()
+        self.tokens += tokens
+        index = last[:, :, None].expand(-1, -1, captured[deepest].shape[-1])
+        # the facet positions first, then float32: not the whole [B, T, D] state
+        return torch.stack([captured[i].gather(1, index).float() for i in self.layer]).mean(0).cpu()
+
+    def prepare(self, captions: Sequence[str], packed: bool = True) -> Prepared:
+        """The host work of `encode` (cleaning, dedupe, tokenizing, batching, host tensors): safe to run
+        on another thread while the model runs an earlier `Prepared` (one preparing thread at a time)."""
+        cleaned = [clean_caption(c) for c in captions]
+        unique = list(dict.fromkeys(cleaned))
+        before = self.truncated
+        items, where = self._items(unique, packed) if unique else ([], [])
+        slot = {key: flat for flat, key in enumerate(where)}
+        batches = [(b, self._host_tensors([items[i] for i in b])) for b in self._batches(items)] if items else []
+        return Prepared(cleaned, unique, items, slot, batches, packed, self.truncated - before)
+
+    def run(self, prep: Prepared, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The model side of `encode`: a `Prepared` -> float32 [N, K, D]."""
+        out = torch.empty(len(prep.unique), self.k, self.dim)
+        flat_out, items = out.view(-1, self.dim), prep.items
+        for batch, host in prep.batches:
+            tokens = sum(items[i].length for i in batch)
+            hidden = self._hidden(host, tokens)
+            for row, i in enumerate(batch):
+                for f in range(len(items[i].facets)):
+                    flat_out[prep.slot[(i, f)]] = hidden[row, f]
+            if progress:
+                progress(len(batch) if prep.packed else len(batch) / self.k, tokens)
+        if prep.truncated:
+            log.warning("%d caption(s) shortened to the caption cap (%s tokens) or the context (%d tokens)",
+                        prep.truncated, self.max_caption_tokens, self.max_length)
+        index = {c: i for i, c in enumerate(prep.unique)}
+        return out[[index[c] for c in prep.cleaned]] if len(prep.unique) != len(prep.cleaned) else out
 
     def encode(
         self,
@@ -339,28 +414,4 @@ class FacetEncoder:
         are computed once. `packed=False` runs the K facets as separate sequences (the
         reference the packed pass is checked against). `progress(captions, tokens)` is
         called after every batch."""
-        cleaned = [clean_caption(c) for c in captions]
-        unique = list(dict.fromkeys(cleaned))
-        out = torch.empty(len(unique), self.k, self.dim)
-        if unique:
-            before = self.truncated
-            items, where = self._items(unique, packed)
-            slot = {key: flat for flat, key in enumerate(where)}  # (item, facet in item) -> (caption, facet)
-            flat_out = out.view(-1, self.dim)
-            for batch in self._batches(items):
-                hidden = self._hidden([items[i] for i in batch])
-                for row, i in enumerate(batch):
-                    for f in range(len(items[i].facets)):
-                        flat_out[slot[(i, f)]] = hidden[row, f]
-                if progress:
-                    n_caps = len(batch) if packed else len(batch) / self.k
-                    progress(n_caps, sum(items[i].length for i in batch))
-            if self.truncated > before:
-                log.warning(
-                    "%d caption(s) shortened to the caption cap (%s tokens) or the context (%d tokens)",
-                    self.truncated - before,
-                    self.max_caption_tokens,
-                    self.max_length,
-                )
-        index = {c: i for i, c in enumerate(unique)}
-        return out[[index[c] for c in cleaned]] if len(unique) != len(cleaned) else out
+        return self.run(self.prepare(captions, packed), progress)

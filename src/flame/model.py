@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -165,6 +166,31 @@ def _to_rgb(image):
     return as_rgb(image)
 
 
+def inference_precision(device: torch.device | str) -> str:
+    """The tower's inference precision: "fp32" on the CPU (results exactly as ever); on CUDA "bf16"
+    (autocast) where the GPU computes bf16 natively, else "tf32" (fp32 with TF32 matmuls). Training
+    and the stored vectors are unaffected; evaluation records it as the result's `precision`."""
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "tf32"
+
+
+@contextmanager
+def tower_precision(device: torch.device | str) -> Iterator[str]:
+    """Run the block under `inference_precision(device)`; the global matmul setting is restored."""
+    kind = inference_precision(device)
+    if kind == "fp32":
+        yield kind
+        return
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kind == "bf16"):
+            yield kind
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 class FlameModel(nn.Module):
     def __init__(self, tower: TowerConfig, text: dict | None = None):
         super().__init__()
@@ -207,6 +233,11 @@ class FlameModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device
+
+    @property
+    def precision(self) -> str:
+        """How `encode_image` / `image_features` run the tower here (`inference_precision`)."""
+        return inference_precision(self.device)
 
     @property
     def fingerprint(self) -> str:
@@ -265,9 +296,9 @@ class FlameModel(nn.Module):
                 torch.stack([transform(im) for im in images[i : i + batch_size]])
                 for i in range(0, len(images), batch_size)
             )
-        # float32 whatever autocast the caller runs under (open_clip/CLIP_benchmark code wraps calls in
-        # torch.autocast): the vectors are those `flame eval` computes
-        with torch.autocast(self.device.type, enabled=False):
+        # the caller's autocast (open_clip/CLIP_benchmark code wraps calls in torch.autocast) is set
+        # aside: the tower runs in the precision `flame eval` uses (`tower_precision`)
+        with torch.autocast(self.device.type, enabled=False), tower_precision(self.device):
             parts = [fn(x.to(self.device, torch.float32)).float().to(out_device) for x in batches]
         return torch.cat(parts) if parts else torch.empty(0, width, device=out_device)
 

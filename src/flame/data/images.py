@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from flame.data.draft import draft_scale, oriented_size, request_draft, scaled_box
 from flame.data.shards import expand_shards, shard_name, tar_keys  # tar_keys: the one key scanner, re-exported
 from flame.errors import FlameError
 
@@ -201,21 +202,39 @@ def decode_or_blank(source: bytes | str | Path, transform, size: int) -> tuple[t
 
 
 def load_image(
-    data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0), max_pixels: int = MAX_PIXELS
+    data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0), max_pixels: int = MAX_PIXELS,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """Decode (`as_rgb`), random-resized-crop (or centre-resize when rng is None) -> uint8 [3, S, S].
-    Raises UndecodableImage (or PIL's error for a corrupt file) for what is not decoded."""
+    A JPEG is decoded at the smallest size its crop still covers with S x S pixels (`flame.data.draft`;
+    `reduce=False`: always in full). Raises UndecodableImage (or PIL's error for a corrupt file) for
+    what is not decoded."""
     img = open_image(data, max_pixels)
+    full = oriented_size(img)  # the crop is drawn from the full size, whatever the decode's scale
+    saved = rng.getstate() if rng is not None else None
+    box = _crop(rng, full, scale)
+    drafted = request_draft(img, draft_scale(*full, box, size)) if reduce else 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = as_rgb(img)
-    if rng is None:
-        box = (0, 0, img.width, img.height)
-    else:
-        left, top, w, h = crop_box(rng, img.width, img.height, scale)
-        box = (left, top, left + w, top + h)
+    if img.size != (-(-full[0] // drafted), -(-full[1] // drafted)):  # stood up otherwise than the header said
+        if rng is not None:
+            rng.setstate(saved)
+        if drafted > 1:
+            return load_image(data, size, rng, scale, max_pixels, reduce=False)
+        box = _crop(rng, img.size, scale)
+    elif drafted > 1:
+        box = scaled_box(box, full, img.size)
     img = img.resize((size, size), Image.BICUBIC, box=box)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _crop(rng: random.Random | None, full: tuple[int, int], scale) -> tuple[int, int, int, int]:
+    """The crop box (left, top, right, bottom) of an image of size `full`: the whole image without rng."""
+    if rng is None:
+        return 0, 0, full[0], full[1]
+    left, top, w, h = crop_box(rng, full[0], full[1], scale)
+    return left, top, left + w, top + h
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
@@ -289,6 +308,7 @@ class StreamConfig:
     max_pixels: int = MAX_PIXELS  # larger images are skipped as undecodable
     sources: list[dict] | None = None  # a weighted mix (flame.data.mix): [{"shards": [paths], "weight": w}, ...]
     epoch_samples: int = 0  # with sources: the samples of one (reported) epoch
+    reduced_decode: bool = True  # JPEGs decoded at the smallest size their crop allows (flame.data.draft)
 
 
 class _Batcher:
@@ -316,7 +336,7 @@ class _Batcher:
         try:
             if data is None:
                 raise ValueError("no image")
-            img = load_image(data, c.image_size, rng, c.crop_scale, c.max_pixels)
+            img = load_image(data, c.image_size, rng, c.crop_scale, c.max_pixels, c.reduced_decode)
         except Exception:
             counts["undecodable"] += 1
             return False

@@ -87,11 +87,16 @@ class Config:
                                        "one command")
     batch_tokens: int | None = setting(None, check=POSITIVE, group="model", shown="4096 on CPU, 65536 on GPU",
                                        help="padded tokens per forward batch")
-    max_batch: int = setting(64, check=POSITIVE, group="model", help="sequences per forward batch at most")
+    max_batch: int | None = setting(None, check=POSITIVE, group="model",
+                                    shown="64 on CPU, batch-tokens / 16 on GPU: the token budget binds",
+                                    help="sequences per forward batch at most")
     max_caption_tokens: int = setting(DEFAULT_MAX_CAPTION_TOKENS, metavar="N", group="model",
                                       help="longer captions are cut to N tokens and counted as truncated")
     chunk: int = setting(1024, check=POSITIVE, group="model",
                          help="unique captions handed to the encoder at once (bounds memory)")
+    prefetch: bool = setting(True, group="model", negate="--no-prefetch",
+                             help="tokenize and build batches in series with the model, not on a prefetch thread "
+                                  "while it runs")
     # output
     out: Path | None = setting(None, required=True, metavar="STORE", group="output",
                                help="the embedding store folder")

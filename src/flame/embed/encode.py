@@ -10,6 +10,7 @@ import numpy as np
 from flame import faults
 from flame.embed.config import Config
 from flame.embed.plan import Plan
+from flame.embed.prefetch import prefetched
 from flame.embed.report import Stats
 from flame.prompts import clean_caption
 
@@ -61,8 +62,22 @@ def _dedupe(caps: list[str]) -> tuple[list[int], list[int], list[int]]:
     return unique, dup_dst, dup_src
 
 
-def encode_shard(writer, captions: list[list[str]], plan: Plan, encoders, chunk: int, stats: Stats, bar) -> None:
-    """Every source's captions of one shard into `writer` (L2-normalised float32 -> the store's dtype)."""
+def _chunks(captions: list[list[str]], plan: Plan, encoders, chunk: int):
+    """The host side of one shard, in write order: per source, each chunk of its unique captions
+    prepared for the model (`FacetEncoder.prepare`), then the source's repeats."""
+    for src, enc, caps in zip(plan.sources, encoders, captions):
+        unique, dup_dst, dup_src = _dedupe(caps)
+        for start in range(0, len(unique), chunk):
+            rows = unique[start : start + chunk]
+            yield src, enc, rows, enc.prepare([caps[r] for r in rows]), None
+        yield src, enc, None, None, (dup_dst, dup_src, len(caps))
+
+
+def encode_shard(writer, captions: list[list[str]], plan: Plan, encoders, chunk: int, stats: Stats, bar,
+                 prefetch: bool = True) -> None:
+    """Every source's captions of one shard into `writer` (L2-normalised float32 -> the store's dtype).
+    The host work (tokens, batch tensors) runs on a prefetch thread (`flame.embed.prefetch`); the
+    model and every write stay on this thread, in the order they always had."""
     import torch
     import torch.nn.functional as F
 
@@ -74,18 +89,19 @@ def encode_shard(writer, captions: list[list[str]], plan: Plan, encoders, chunk:
                 elapsed = max(time.perf_counter() - bar.start_t, 1e-9)
                 bar.set_postfix_str(f"{stats.tokens / elapsed:,.0f} tok/s", refresh=False)
 
-    for src, enc, caps in zip(plan.sources, encoders, captions):
-        facets = slice(src.offset, src.offset + src.prompts.k)
-        unique, dup_dst, dup_src = _dedupe(caps)
-        for start in range(0, len(unique), chunk):
-            rows = unique[start : start + chunk]
-            emb = enc.encode([caps[r] for r in rows], progress=progress)
-            emb = F.normalize(emb.to(torch.float32), dim=-1).numpy()
-            writer.write(np.asarray(rows), emb, facets=facets)
-            faults.slow_batch()  # test hook: widens the window to kill a job mid-shard
-        if dup_dst:  # repeated captions: copy the stored vectors, bytes identical to recomputing
-            writer.copy_rows(np.asarray(dup_dst), np.asarray(dup_src), facets=facets)
-            if bar is not None:
-                bar.update(len(dup_dst))
-        stats.captions += len(caps)
-        stats.repeats += len(dup_dst)
+    with prefetched(_chunks(captions, plan, encoders, chunk), enabled=prefetch) as work:
+        for src, enc, rows, prepared, repeats in work:
+            facets = slice(src.offset, src.offset + src.prompts.k)
+            if repeats is None:
+                emb = enc.run(prepared, progress=progress)
+                emb = F.normalize(emb.to(torch.float32), dim=-1).numpy()
+                writer.write(np.asarray(rows), emb, facets=facets)
+                faults.slow_batch()  # test hook: widens the window to kill a job mid-shard
+                continue
+            dup_dst, dup_src, n = repeats
+            if dup_dst:  # repeated captions: copy the stored vectors, bytes identical to recomputing
+                writer.copy_rows(np.asarray(dup_dst), np.asarray(dup_src), facets=facets)
+                if bar is not None:
+                    bar.update(len(dup_dst))
+            stats.captions += n
+            stats.repeats += len(dup_dst)

@@ -111,7 +111,7 @@ def _encode_all(store: EmbeddingStore, mine: list[tuple[str, Path]], cfg: Config
             if bar is not None:  # total = work so far + this shard + the rest at the mean shard size
                 bar.total = sum(per_shard) + (len(mine) - i - 1) * int(np.mean(per_shard))
                 bar.refresh()
-            _write_shard(store, name, keys, captions, plan, encoders, cfg.chunk, stats, bar)
+            _write_shard(store, name, keys, captions, plan, encoders, cfg, stats, bar)
         except BaseException as e:
             if stops_the_run(e):
                 raise
@@ -127,11 +127,11 @@ def _encode_all(store: EmbeddingStore, mine: list[tuple[str, Path]], cfg: Config
     return stats
 
 
-def _write_shard(store: EmbeddingStore, name: str, keys, captions, plan: Plan, encoders, chunk: int, stats: Stats,
+def _write_shard(store: EmbeddingStore, name: str, keys, captions, plan: Plan, encoders, cfg: Config, stats: Stats,
                  bar) -> None:
     writer = store.shard_writer(name, len(keys))
     try:
-        encode_shard(writer, captions, plan, encoders, chunk, stats, bar)
+        encode_shard(writer, captions, plan, encoders, cfg.chunk, stats, bar, prefetch=cfg.prefetch)
         stats.bytes += writer.commit(keys)
     except BaseException:
         writer.abort()

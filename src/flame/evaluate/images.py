@@ -146,6 +146,8 @@ def cache_key(model, ds: EvalDataset, split: str, kind: str) -> str:
         "files": ds.stamp(),
         "preprocess": [model.image_size, list(model.mean), list(model.std)],
     }
+    if getattr(model, "precision", "fp32") != "fp32":  # bf16/tf32 vectors (CUDA): not fp32 ones' entry
+        desc["precision"] = model.precision
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
 
 

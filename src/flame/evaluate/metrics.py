@@ -162,11 +162,17 @@ WD_GRID = np.logspace(-6, 2, num=97).tolist()
 WD_COARSE = [i for i in range(0, 97, 16)]  # the 7 points of np.logspace(-6, 2, 7) on the grid
 
 
+def compute_device(device=None) -> torch.device:
+    """Where a metric or probe runs: the given device, else CUDA when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int = 200,
                  seed: int = 0) -> torch.nn.Linear:
-    """Multinomial logistic regression, loss = CE + weight_decay/2 * ||W||^2, full-batch L-BFGS."""
+    """Multinomial logistic regression, loss = CE + weight_decay/2 * ||W||^2, full-batch L-BFGS
+    (on x's device)."""
     torch.manual_seed(seed)
-    model = torch.nn.Linear(x.shape[1], n_classes)
+    model = torch.nn.Linear(x.shape[1], n_classes).to(x.device)
     torch.nn.init.zeros_(model.weight)
     torch.nn.init.zeros_(model.bias)
     opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
@@ -214,13 +220,17 @@ def linear_probe(
     seed: int = 0,
     normalize: bool = True,
     max_iter: int = 200,
+    device=None,
 ) -> dict[str, float]:
-    train_x, test_x = train_x.float().cpu(), test_x.float().cpu()
-    train_y, test_y = train_y.long().cpu(), test_y.long().cpu()
+    """The L-BFGS probe, on `device` (default: `compute_device`, the GPU when there is one)."""
+    device = compute_device(device)
+    fit_idx, val_idx = stratified_split(train_y.long().cpu(), val_fraction, seed)  # seeded on the CPU: same split
+    fit_idx, val_idx = fit_idx.to(device), val_idx.to(device)
+    train_x, test_x = train_x.float().to(device), test_x.float().to(device)
+    train_y, test_y = train_y.long().to(device), test_y.long().to(device)
     if normalize:
         train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
     n_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
-    fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
     scores: dict[int, float] = {}
 
     def val_acc(i: int) -> float:

@@ -143,6 +143,8 @@ def evaluate(
         result.update(split=split)
     result["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     result.update(images=int(vec.ok.numel()), skipped_images=vec.skipped)
+    if getattr(model, "precision", None):  # the tower's: fp32 on the CPU, bf16/tf32 on CUDA
+        result["precision"] = model.precision
     if vec.skipped:
         log.warning("%s: %d unreadable image(s) skipped", ds.name, vec.skipped)
     return result
@@ -196,7 +198,7 @@ def _linear_probe(model, ds: EvalDataset, img: dict, probe: dict):
         raise FlameError(f"{ds.name}: too few readable images for a linear probe")
     if probe["method"] == "lbfgs":
         metrics = M.linear_probe(torch.from_numpy(xtr[:]), torch.from_numpy(ytr), torch.from_numpy(xte[:]),
-                                 torch.from_numpy(yte))
+                                 torch.from_numpy(yte), device=getattr(model, "device", None))
         return {**metrics, "probe": {"method": "lbfgs"}}, vec, split
     val = {}
     if probe["val_split"]:

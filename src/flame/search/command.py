@@ -88,7 +88,7 @@ def index_main(cfg: IndexConfig) -> int:
     r = build_index(photos, model, index, cfg.batch_size, workers, cfg.rebuild, progress=cfg.progress,
                     allow_empty=cfg.allow_empty)
     print(f"{r.photos} photos: {r.encoded} encoded, {r.reused} unchanged, {len(r.unreadable)} unreadable "
-          f"(skipped), {r.removed} removed; index {index}")
+          f"(skipped), {r.removed} removed; index {index} (tower in {model.precision})")
     return 0
 
 

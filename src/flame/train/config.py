@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from flame import config as settings
 from flame.config import POSITIVE, at_least, setting
+from flame.distributed import default_loader_workers
 from flame.loss import DEFAULT_LOSS, LOSSES
 
 DEFAULT_EPOCHS = 32.0  # when neither --steps nor --epochs is given
@@ -72,7 +73,9 @@ class TrainConfig:
     embeddings: str = setting("", required=True, metavar="STORE", group="data",
                               help="embedding store folder from flame embed")
     out: str = setting("", required=True, metavar="RUN", group="data", help="run folder (checkpoints, logs)")
-    workers: int = setting(4, check=at_least(0), group="data", help="data-loader processes per rank")
+    workers: int = setting(factory=default_loader_workers, check=at_least(0), group="data",
+                           shown="the rank's share of the CPUs less one, 1-16",
+                           help="data-loader processes per rank")
     crop_scale: tuple[float, float] = setting((0.9, 1.0), check=(_crop, "must be LO HI with 0 < LO <= HI <= 1"),
                                               metavar=("LO", "HI"), group="data",
                                               help="random resized crop area range")
