@@ -16,7 +16,12 @@ Splits (all deterministic from one seed):
 - paraphrase: the test images, captioned only with words no training caption uses
   (synonyms for colours, categories, relations, atmospheres; only the articles a/an are shared);
 - multilingual-fr/de/es: the test captions written in French, German and Spanish;
-- zeroshot: the main object's category, CLIP_benchmark layout with class names and templates.
+- zeroshot: the main object's category, CLIP_benchmark layout with class names and templates;
+- with `ScenesConfig.study` (`flame study`): train samples also carry `KEY.late.txt` (a long caption,
+  100+ CLIP tokens, whose minor object, its colour and the relation come after token 77);
+  eval/long-late and eval/long-front (groups of 4 scenes sharing the caption's opening, captioned with
+  the details late / in front); eval/hard-negatives/pairs.jsonl (each test image's caption against the
+  same caption with the objects' colours or the two objects swapped).
 Evaluation splits are in CLIP_benchmark's webdataset layout (`test/nshards.txt`, `test/0.tar`
 with `KEY.png` + `KEY.txt` or `KEY.cls`, `dataset_type.txt`, `classnames.txt`,
 `zeroshot_classification_templates.txt`).
@@ -41,6 +46,7 @@ from flame.data.scenes.captions import (
     words,
 )
 from flame.data.scenes.drawing import SCALE, SHAPES, render
+from flame.data.scenes.longcaps import SWAPS, detail_phrases, front_caption, hard_negative, late_caption, opening
 from flame.data.scenes.splits import QUICK, Plan, ScenesConfig, plan
 from flame.data.scenes.vocabulary import (
     ATMOSPHERES,
@@ -58,11 +64,19 @@ from flame.data.scenes.vocabulary import (
     ZEROSHOT_TEMPLATES,
     Scene,
 )
-from flame.data.scenes.writing import RETRIEVAL_SPLITS, scaled, settings_match, write_dataset
+from flame.data.scenes.writing import (
+    NEGATIVES,
+    RETRIEVAL_SPLITS,
+    STUDY_SPLITS,
+    scaled,
+    settings_match,
+    write_dataset,
+)
 from flame.errors import FlameError
 
 __all__ = [
-    "ATMOSPHERES", "CAPTIONS", "CATEGORIES", "COLOURS", "HELDOUT", "LANGUAGES", "MINOR_RADIUS", "PATTERNS",
+    "NEGATIVES", "STUDY_SPLITS", "SWAPS", "detail_phrases", "front_caption", "hard_negative", "late_caption",
+    "opening", "ATMOSPHERES", "CAPTIONS", "CATEGORIES", "COLOURS", "HELDOUT", "LANGUAGES", "MINOR_RADIUS", "PATTERNS",
     "POSITIONS", "QUICK", "RELATIONS", "RETRIEVAL_SPLITS", "SCALE", "SHAPES", "SHARED_WORDS", "SIZES", "VERSION",
     "ZEROSHOT_TEMPLATES", "FlameError", "Plan", "Scene", "ScenesConfig", "facet_words", "french_caption",
     "german_caption", "long_caption", "paraphrase_caption", "plan", "render", "scaled", "settings_match",

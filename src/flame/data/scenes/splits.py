@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from flame.data.scenes.captions import short_caption
+from flame.data.scenes.longcaps import SWAPS, hard_negative
 from flame.data.scenes.vocabulary import (
     ATMOSPHERES,
     CATEGORIES,
@@ -32,9 +33,13 @@ class ScenesConfig:
     eval_size: int = 100
     zeroshot: int = 200
     image_size: int = 64
+    study: bool = False  # also the long-caption and hard-negative splits of `flame study`
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "version": VERSION}
+        d = {**asdict(self), "version": VERSION}
+        if not self.study:  # a demo set's settings (and so its cache) are what they were before the flag
+            del d["study"]
+        return d
 
 
 QUICK = ScenesConfig(train=640, combos=64, eval_size=48, zeroshot=60)
@@ -98,6 +103,31 @@ class Plan:
     test: list[Scene]
     compositional: list[Scene]
     zeroshot: list[Scene]
+    long: list[Scene] = field(default_factory=list)  # study only: groups of 4 sharing a long caption's opening
+    negatives: list[tuple[Scene, str]] = field(default_factory=list)  # study only: per test scene, swapped + how
+
+
+def _long_split(rng: random.Random, test: list[Scene], n: int) -> list[Scene]:
+    """n scenes in groups of 4 that share the opening of their long caption (main object, colour,
+    pattern, size, weather) and differ in the details only: the minor object, its colour and the
+    relation. Truncating the details away leaves a group's captions identical."""
+    cats, cols = list(CATEGORIES), list(COLOURS)
+    out: list[Scene] = []
+    seen: set[Scene] = set()
+    for base in test:
+        group, tries = [base], 0
+        while len(group) < 4 and tries < 1000:
+            tries += 1
+            minor = rng.choice([c for c in cats if c != base.main])
+            colour = rng.choice([c for c in cols if _allowed(minor, c) and c != base.colour])
+            s = replace(base, minor=minor, minor_colour=colour, position=rng.choice(list(POSITIONS)))
+            if s not in group and s not in seen:
+                group.append(s)
+        seen.update(group)
+        out.extend(group)
+        if len(out) >= n:
+            break
+    return out[:n]
 
 
 def plan(config: ScenesConfig) -> Plan:
@@ -124,4 +154,9 @@ def plan(config: ScenesConfig) -> Plan:
                               lambda i: _random_scene(comp_rng, main=cats[i % len(cats)], heldout_main=True))
     zs_rng = random.Random(f"scenes/{config.seed}/zeroshot")
     zeroshot = [_random_scene(zs_rng, main=cats[i % len(cats)]) for i in range(config.zeroshot)]
-    return Plan(train, combos, test, compositional, zeroshot)
+    if not config.study:
+        return Plan(train, combos, test, compositional, zeroshot)
+    long = _long_split(random.Random(f"scenes/{config.seed}/long"), test, config.eval_size)
+    neg_rng = random.Random(f"scenes/{config.seed}/negatives")
+    negatives = [(hard_negative(s, swap), swap) for s in test for swap in [neg_rng.choice(SWAPS)]]
+    return Plan(train, combos, test, compositional, zeroshot, long, negatives)

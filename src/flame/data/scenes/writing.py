@@ -16,7 +16,8 @@ from PIL import Image
 
 from flame.data.scenes.captions import CAPTIONS, long_caption, short_caption
 from flame.data.scenes.drawing import render
-from flame.data.scenes.splits import ScenesConfig, plan
+from flame.data.scenes.longcaps import front_caption, late_caption
+from flame.data.scenes.splits import Plan, ScenesConfig, plan
 from flame.data.scenes.vocabulary import CATEGORIES, HELDOUT, LANGUAGES, ZEROSHOT_TEMPLATES, Scene
 from flame.errors import FlameError
 from flame.fileio import write_atomic
@@ -94,8 +95,11 @@ def write_dataset(out: str | Path, config: ScenesConfig = ScenesConfig(),
     train_samples = []
     for i, s in enumerate(p.train):
         img = render(s, random.Random(f"scenes/{seed}/train/{i}"), size)
-        train_samples.append((f"tr{i:07d}", {"jpg": _image_bytes(img, "jpg"), "txt": short_caption(s).encode(),
-                                             "long.txt": long_caption(s).encode(), "json": _meta(s)}))
+        members = {"jpg": _image_bytes(img, "jpg"), "txt": short_caption(s).encode(),
+                   "long.txt": long_caption(s).encode(), "json": _meta(s)}
+        if config.study:  # the long caption with its details after CLIP's 77 tokens
+            members["late.txt"] = late_caption(s).encode()
+        train_samples.append((f"tr{i:07d}", members))
         if i % 100 == 99:
             tick(100)
     tick(len(p.train) % 100)
@@ -122,11 +126,32 @@ def write_dataset(out: str | Path, config: ScenesConfig = ScenesConfig(),
                 [str(classes.index(s.main)).encode() for s in p.zeroshot], "cls",
                 {"classnames.txt": "\n".join(classes) + "\n",
                  "zeroshot_classification_templates.txt": "\n".join(ZEROSHOT_TEMPLATES) + "\n"})
+    if config.study:
+        _write_study(out, p, seed, size, tick)
     write_atomic(out / "scenes.json", json.dumps(
         {"combos": [asdict(s) for s in p.combos], "test": [asdict(s) for s in p.test],
          "compositional": [asdict(s) for s in p.compositional], "heldout": sorted(HELDOUT)}, indent=1) + "\n")
     write_atomic(out / "settings.json", json.dumps(config.to_dict(), indent=2) + "\n")
     return True
+
+
+STUDY_SPLITS = ("long-late", "long-front")  # retrieval splits of `flame study` (ScenesConfig.study)
+NEGATIVES = "hard-negatives/pairs.jsonl"  # under eval/: per test image, its caption and a swapped one
+
+
+def _write_study(out: Path, p: Plan, seed: int, size: int, tick: Callable[[int], None]) -> None:
+    """`flame study`'s splits: long captions with the details late / in front (the same images),
+    and the test split's hard negatives (its images are eval/test's, by key)."""
+    pngs = [_image_bytes(im, "png") for im in _images(p.long, seed, "long", size)]
+    tick(len(pngs))
+    keys = [f"lo{i:07d}" for i in range(len(pngs))]
+    for split, caption in zip(STUDY_SPLITS, (late_caption, front_caption)):
+        _write_eval(out / "eval" / split, keys, pngs, [caption(s).encode() for s in p.long], "txt",
+                    {"dataset_type.txt": "retrieval\n"})
+    rows = [{"key": f"te{i:07d}", "caption": short_caption(s), "negative": short_caption(neg), "swap": swap}
+            for i, (s, (neg, swap)) in enumerate(zip(p.test, p.negatives))]
+    (out / "eval" / "hard-negatives").mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "eval" / NEGATIVES, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def scaled(config: ScenesConfig, **changes) -> ScenesConfig:
