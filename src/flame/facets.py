@@ -5,7 +5,9 @@ Facet-decoupled attention: a prefix token sees the prefix causally; a facet toke
 the whole prefix and the earlier tokens of its own facet, never another facet. With
 "restart" positions every facet is numbered as if it followed the prefix alone, so the
 packed pass equals K separate passes exactly; "continue" numbers tokens 0..T-1 as the
-released FLAME code does. The embedding of a facet is the hidden state at its last token
+released FLAME code does. "causal" is "continue" without the facet mask: one plain causal
+sequence in which a later facet also sees the earlier facets (the ablation `flame study` runs
+against facet-decoupled attention; not FLAME's recipe). The embedding of a facet is the hidden state at its last token
 after the chosen decoder block(s) (before the final norm).
 
 Tokens are those of one string: the release tokenizes `prefix(caption) [sep ]F1 F2 ... FK` (single
@@ -27,7 +29,7 @@ from flame.errors import FlameError
 from flame.prompts import DEFAULT_MAX_CAPTION_TOKENS, PromptSet, clean_caption, load_prompt_set
 
 log = logging.getLogger(__name__)
-POSITIONS = ("restart", "continue")
+POSITIONS = ("restart", "continue", "causal")
 # A caption is first cut to this many characters per allowed token: no token is this long, so the cut
 # only bounds the tokenizer's work on a pathological caption (a 200k-character one costs ~16k characters).
 CHARS_PER_TOKEN = 32
@@ -177,7 +179,7 @@ class FacetEncoder:
         """Facet ids cut out of ONE tokenization of the text after the caption (in continue mode all
         facets in one string, as the release tokenizes them), so merges at piece boundaries come out as
         the tokenizer makes them. Special tokens written in the prompt set (the release's `<s>`) count."""
-        chains = [self.facet_texts()] if self.positions == "continue" else [[t] for t in self.facet_texts()]
+        chains = [self.facet_texts()] if self.positions != "restart" else [[t] for t in self.facet_texts()]
         out = []
         for chain in chains:
             text, prev = self._after, self._ids(self._after)
@@ -198,7 +200,7 @@ class FacetEncoder:
         head = self._before + _PROBE + self._after
         prefix = self._ids(head, special=True)
         pairs = list(zip(self._facet_ids, self.facet_texts()))
-        groups = [pairs] if self.positions == "continue" else [[p] for p in pairs]
+        groups = [pairs] if self.positions != "restart" else [[p] for p in pairs]
         for group in groups:
             whole = self._ids(head + "".join(text for _, text in group), special=True)
             if whole != prefix + [i for ids, _ in group for i in ids]:
@@ -227,7 +229,7 @@ class FacetEncoder:
         """(tokens a prefix may take, characters a caption is first cut to (None: no cap))."""
         facets = self._facet_ids
         room = self.max_length - (
-            sum(map(len, facets)) if self.positions == "continue" else max(map(len, facets))
+            sum(map(len, facets)) if self.positions != "restart" else max(map(len, facets))
         )
         if self.max_caption_tokens is None:
             return room, None
@@ -319,7 +321,7 @@ class FacetEncoder:
             for k, f in enumerate(it.facets):
                 n = len(f)
                 ids[b, t : t + n] = torch.tensor(f)
-                start = t if self.positions == "continue" else P
+                start = t if self.positions != "restart" else P
                 pos[b, t : t + n] = torch.arange(start, start + n)
                 group[b, t : t + n] = k + 1
                 t += n
@@ -332,7 +334,9 @@ class FacetEncoder:
         B, T = group.shape
         q, kv = group[:, :, None], group[:, None, :]
         causal = torch.ones(T, T, dtype=torch.bool, device=group.device).tril()
-        allowed = causal & (kv >= 0) & (q >= 0) & ((kv == 0) | (kv == q))
+        allowed = causal & (kv >= 0) & (q >= 0)
+        if self.positions != "causal":  # facet-decoupled: a facet sees the prefix and itself only
+            allowed &= (kv == 0) | (kv == q)
         allowed |= torch.eye(T, dtype=torch.bool, device=group.device)  # padding rows see themselves
         if self.model.config._attn_implementation == "sdpa":
             return allowed[:, None]  # a boolean mask keeps SDPA on its fast kernels

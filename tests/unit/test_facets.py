@@ -135,3 +135,20 @@ def test_packed_equals_separate_passes_smollm2(flame_cache):
     model, tok = load_llm("smollm2-135m")
     enc = FacetEncoder(model, tok, prompts="long", layer=-2)
     assert rel_diff(enc.encode(CAPTIONS), reference(enc, CAPTIONS)) <= 1e-4
+
+
+def test_causal_positions_are_one_plain_sequence_where_later_facets_see_earlier_ones(tiny):
+    """`positions="causal"` (the decoupled-attention ablation of `flame study`) equals one ordinary
+    forward of prefix + F1 ... FK, read at each facet's last token; its first facet is continue's."""
+    enc = FacetEncoder(*tiny, prompts="short", layer=2, positions="causal")
+    got = enc.encode(CAPTIONS[:3])
+    (layer,) = enc.layer
+    for row, cap in zip(got, CAPTIONS[:3]):
+        prefix, _ = enc._prefix(clean_caption(cap))
+        ids = prefix + [i for f in enc._facets() for i in f]
+        ends = torch.tensor([len(f) for f in enc._facets()]).cumsum(0) + len(prefix) - 1
+        with torch.no_grad():
+            hs = enc.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        assert rel_diff(row, hs[layer][0, ends]) <= 1e-4
+    cont = FacetEncoder(*tiny, prompts="short", layer=2, positions="continue").encode(CAPTIONS[:3])
+    assert rel_diff(got[:, 0], cont[:, 0]) <= 1e-4 and rel_diff(got[:, 1:], cont[:, 1:]) > 1e-3

@@ -75,9 +75,10 @@ class Config:
     layer: str = setting("-2", group="model", shown="-2, the paper's 39 of 40",
                          help="decoder block(s) whose output is the embedding, 1-based, negative from the top; "
                               "a comma list averages several")
-    positions: str = setting("restart", choices=("restart", "continue"), group="model",
-                             help="facet position ids: restart (exact = separate passes) or continue "
-                                  "(the released FLAME code)")
+    positions: str = setting("restart", choices=("restart", "continue", "causal"), group="model",
+                             help="facet position ids: restart (exact = separate passes), continue "
+                                  "(the released FLAME code) or causal (continue without the facet mask: "
+                                  "later facets see earlier ones; an ablation)")
     llm_dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"), group="model",
                              help="LLM weights/compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     device: str = setting("auto", group="model",
