@@ -60,4 +60,4 @@ def test_help_shows_the_dataclass_defaults(capsys):
         if shown and f.metadata.get("cli", True):
             assert f"(default {shown})" in text, (f.name, shown)
     assert "--import-release ROOT" in text and "--release-layout {auto,cc3m,yfcc15m}" in text
-    assert "(default 64)" in text and "(default fp16)" in text and "(default raw=txt)" in text
+    assert "(default 64 on CPU" in text and "(default fp16)" in text and "(default raw=txt)" in text

@@ -192,10 +192,10 @@ def test_bad_input_is_one_line_and_exit_2(photos, model_dir, capsys, tmp_path):
     not_a_model.mkdir()
     (not_a_model / "weights.bin").write_bytes(b"x")
     code, err = err_of(["search", "query", "a dog", "--model", str(not_a_model), "--index", str(photos)])
-    assert code == 2 and len(err.splitlines()) == 1 and "is not a FLAME model" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "has no model.safetensors" in err  # weights.bin: a pickle
     code, err = err_of(["search", "index", str(photos), "--model", str(not_a_model)])
     assert code == 2 and len(err.splitlines()) == 1
-    with pytest.raises(FlameError, match="is not a FLAME model"):  # --debug keeps the traceback
+    with pytest.raises(FlameError, match="has no model.safetensors"):  # --debug keeps the traceback
         flame_main(["search", "query", "a dog", "--model", str(not_a_model), "--debug"])
     code, err = err_of(["search", "query", "a dog", "--model", str(model_dir), "--index", str(tmp_path / "none")])
     assert code == 2 and "no search index" in err and "flame search index" in err
