@@ -38,17 +38,21 @@ def _embed(capsys, *args):
 
 
 def _poison(monkeypatch, bad_caption: str, make):
-    """Make FacetEncoder.encode misbehave for one caption (`make(vectors, row)` edits the result)."""
-    real = FacetEncoder.encode
+    """Make the model pass (`FacetEncoder.run`, which `encode` and `flame embed`'s prefetched
+    chunks both go through) misbehave for one caption (`make(vectors, row)` edits the result)."""
+    from flame.facets import clean_caption
 
-    def encode(self, captions, *a, **kw):
-        out = real(self, captions, *a, **kw)
-        for i, c in enumerate(captions):
-            if c == bad_caption:
+    real = FacetEncoder.run
+    bad = clean_caption(bad_caption)
+
+    def run(self, prep, *a, **kw):
+        out = real(self, prep, *a, **kw)
+        for i, c in enumerate(prep.cleaned):
+            if c == bad:
                 out = make(out, i)
         return out
 
-    monkeypatch.setattr(FacetEncoder, "encode", encode)
+    monkeypatch.setattr(FacetEncoder, "run", run)
 
 
 def _order_spy(monkeypatch) -> list[str]:
@@ -104,7 +108,7 @@ def test_poison_pill_shard_is_skipped_reported_and_retried_last(tmp_path, corpus
 def test_repeated_unexpected_failures_stop_the_run(tmp_path, corpus, tiny_llm_dir, monkeypatch, capsys):
     """Not a poison pill but a broken setup: every shard fails the same way -> stop, one line."""
     root, _ = corpus
-    monkeypatch.setattr(FacetEncoder, "encode", lambda self, *a, **kw: (_ for _ in ()).throw(RuntimeError("no")))
+    monkeypatch.setattr(FacetEncoder, "run", lambda self, *a, **kw: (_ for _ in ()).throw(RuntimeError("no")))
     data = tmp_path / "d"
     data.mkdir()
     for i in range(4):

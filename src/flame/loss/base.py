@@ -51,11 +51,12 @@ class FlameLoss(nn.Module):
         return distributed.rank(), distributed.world_size()
 
     def gather_texts(self, texts: torch.Tensor) -> torch.Tensor:
-        """[b, P, D] of this rank -> [W*b, P, D] float32 of every rank, in rank order (no gradient).
-        They cross ranks in their own dtype (the store's fp16: half the bytes of fp32, and the
-        conversion after is exact)."""
+        """[b, P, D] of this rank -> [W*b, P, D] of every rank, in rank order (no gradient), in at
+        least float32. They cross ranks in their own dtype (the store's fp16: half the bytes of fp32,
+        and the conversion after is exact)."""
+        wide = torch.promote_types(texts.dtype, torch.float32)
         if self.world()[1] == 1:
-            return texts.float()
+            return texts.to(wide)
         from flame import distributed
 
-        return distributed.all_gather_constant(texts).float()
+        return distributed.all_gather_constant(texts).to(wide)

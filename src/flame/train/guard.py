@@ -34,9 +34,10 @@ def all_finite(tensors: Iterable[torch.Tensor | None], device: torch.device) -> 
 
 
 def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
-    """`optimizer.step()` unless `bad` (a device scalar, 1 = skip). An optimizer that takes
-    `found_inf` (fused) decides on the device; any other one costs a host sync here."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
+    """`optimizer.step()` unless `bad` (a device scalar, 1 = skip). An optimizer whose groups are
+    all fused takes `found_inf` and decides on the device; any other one (e.g. one resumed from a
+    checkpoint of a foreach optimizer, whose saved groups say fused=False) costs a host sync here."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in optimizer.param_groups):
         optimizer.found_inf = bad.float()
         optimizer.step()
     elif not bool(bad):
