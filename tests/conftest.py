@@ -73,3 +73,15 @@ def flame_cache(tmp_path_factory) -> Path:
     path = Path(os.environ.get("FLAME_TEST_CACHE", tmp_path_factory.mktemp("flame-cache")))
     os.environ["FLAME_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def eval_model_dir(tmp_path_factory, tiny_llm_dir) -> Path:
+    """A tiny random model folder whose text side is the tiny test LLM, with a `$FLAME_CACHE` of
+    this test module's own (text and image vectors cached by one module never serve another)."""
+    from support.evalsets import tiny_model_folder
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
+    mp.undo()

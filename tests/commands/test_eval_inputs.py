@@ -17,17 +17,14 @@ from pathlib import Path
 
 import pytest
 from support.commands import run_flame
-from support.evalsets import COLOURS, add_member, class_folder, png, tiny_model_folder, wds_set
+from support.evalsets import COLOURS, add_member, class_folder, png, wds_set
 
 from flame.errors import FlameError
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tiny_llm_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
-    mp.undo()
+def model(eval_model_dir):
+    return eval_model_dir
 
 
 def _eval(capsys, model, dataset, *args):

@@ -20,7 +20,6 @@ from support.compositional import (
     winoground_brute,
     winoground_root,
 )
-from support.evalsets import tiny_model_folder
 
 from flame.model import FlameModel
 
@@ -29,11 +28,8 @@ CATEGORIES = {"replace": ("replace_obj", "replace_att", "replace_rel"), "swap": 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny_llm_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
-    mp.undo()
+def folder(eval_model_dir):
+    return eval_model_dir
 
 
 @pytest.fixture(scope="module")

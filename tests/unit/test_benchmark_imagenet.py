@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.commands import run_flame
-from support.evalsets import add_member, tiny_model_folder
+from support.evalsets import add_member
 from support.zeroshot import class_logits, classification, image_bytes, same_metrics, write_image
 
 from flame.errors import FlameError
@@ -39,14 +39,10 @@ PACKAGE_TEMPLATES = IC.templates
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_llm_dir):
+def tiny(eval_model_dir):
     from flame.model import FlameModel
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
-    folder = tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
-    yield folder, FlameModel.from_pretrained(str(folder), device="cpu")
-    mp.undo()
+    return eval_model_dir, FlameModel.from_pretrained(str(eval_model_dir), device="cpu")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from support.commands import run_flame
-from support.evalsets import tiny_model_folder
 from support.retrievalsets import brute_force, write_jpeg
 
 from flame.errors import FlameError
@@ -24,11 +23,8 @@ OPTS = Options(workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_llm_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
-    mp.undo()
+def model_dir(eval_model_dir):
+    return eval_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from support.commands import run_flame
-from support.evalsets import tiny_model_folder
 from support.zeroshot import recall_at_1, same_metrics, write_image
 
 from flame.errors import FlameError
@@ -27,14 +26,10 @@ WORDS = ["a red bus", "the dog on a street", "two cats in the park", "café naï
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_llm_dir):
+def tiny(eval_model_dir):
     from flame.model import FlameModel
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
-    folder = tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
-    yield folder, FlameModel.from_pretrained(str(folder), device="cpu")
-    mp.undo()
+    return eval_model_dir, FlameModel.from_pretrained(str(eval_model_dir), device="cpu")
 
 
 @pytest.fixture(autouse=True)

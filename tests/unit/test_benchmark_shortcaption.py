@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from support.commands import run_flame
-from support.evalsets import add_member, tiny_model_folder
+from support.evalsets import add_member
 from support.retrievalsets import brute_force, jpeg
 
 from flame.evaluate.benchmark import Options, read_benchmark, run_benchmark
@@ -24,11 +24,8 @@ FOLDERS = {"coco": "wds_mscoco_captions", "flickr30k": "wds_flickr30k"}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_llm_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
-    mp.undo()
+def model_dir(eval_model_dir):
+    return eval_model_dir
 
 
 @pytest.fixture(scope="module")

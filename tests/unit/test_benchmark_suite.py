@@ -11,18 +11,14 @@ import shutil
 import pytest
 from support.commands import run_flame
 from support.compositional import sugarcrepe_root, winoground_root
-from support.evalsets import tiny_model_folder
 
 from flame.evaluate.benchmark import names
 from flame.evaluate.benchmark.published import TABLES
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny_llm_dir):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield tiny_model_folder(tmp_path_factory.mktemp("model") / "m", tiny_llm_dir)
-    mp.undo()
+def folder(eval_model_dir):
+    return eval_model_dir
 
 
 def _suite(capsys, folder, root, *args):
