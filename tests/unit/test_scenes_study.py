@@ -109,3 +109,24 @@ def test_written_splits_are_deterministic_and_the_negatives_point_at_test_images
 def test_a_demo_set_keeps_its_settings_without_the_study_flag():
     assert "study" not in ScenesConfig().to_dict() and ScenesConfig(study=True).to_dict()["study"] is True
     assert plan(ScenesConfig(train=20, combos=20, eval_size=8, zeroshot=4)).long == []
+
+
+def test_nested_sets_share_every_evaluation_split_and_a_prefix_of_combinations(tmp_path):
+    """`flame study`'s data-efficiency sets: a smaller set's combinations are the larger one's first
+    ones, and with the same `test_combos` every evaluation split is byte-for-byte the same."""
+    small = ScenesConfig(train=64, combos=16, eval_size=8, zeroshot=10, study=True, test_combos=16)
+    large = ScenesConfig(train=128, combos=32, eval_size=8, zeroshot=10, study=True, test_combos=16)
+    ps, pl = plan(small), plan(large)
+    assert pl.combos[:16] == ps.combos and len(set(pl.combos)) == 32
+    assert ps.test == pl.test and set(ps.test) <= set(ps.combos)
+    assert {s for s in ps.train} == set(ps.combos) and {s for s in pl.train} == set(pl.combos)
+    for config, out in ((small, tmp_path / "s"), (large, tmp_path / "l")):
+        scenes.write_dataset(out, config)
+    eval_files = sorted(p.relative_to(tmp_path / "s") for p in (tmp_path / "s" / "eval").rglob("*") if p.is_file())
+    assert len(eval_files) > 20
+    for rel in eval_files:
+        assert (tmp_path / "s" / rel).read_bytes() == (tmp_path / "l" / rel).read_bytes(), rel
+    # without test_combos the larger set's test comes from all of its combinations (the demo's split)
+    assert plan(ScenesConfig(train=128, combos=32, eval_size=8, zeroshot=10)).test != pl.test
+    with pytest.raises(scenes.FlameError, match="test combinations"):
+        plan(ScenesConfig(train=64, combos=16, eval_size=8, test_combos=4))

@@ -34,11 +34,16 @@ class ScenesConfig:
     zeroshot: int = 200
     image_size: int = 64
     study: bool = False  # also the long-caption and hard-negative splits of `flame study`
+    # the test split's scenes come from the first `test_combos` combinations (None: all of them). The
+    # combinations of a smaller set are a prefix of a larger one's, so sets of several sizes with the
+    # same `test_combos` share every evaluation split (`flame study`'s data-efficiency curves)
+    test_combos: int | None = None
 
     def to_dict(self) -> dict:
         d = {**asdict(self), "version": VERSION}
-        if not self.study:  # a demo set's settings (and so its cache) are what they were before the flag
-            del d["study"]
+        for name in ("study", "test_combos"):  # a demo set's settings (and cache) are what they were before
+            if not d[name]:
+                del d[name]
         return d
 
 
@@ -132,8 +137,10 @@ def _long_split(rng: random.Random, test: list[Scene], n: int) -> list[Scene]:
 
 def plan(config: ScenesConfig) -> Plan:
     """Which scene every image of every split shows (no pixels yet)."""
-    if config.eval_size > config.combos:
-        raise FlameError(f"eval_size {config.eval_size} needs at least as many training combos ({config.combos})")
+    pool = config.combos if config.test_combos is None else config.test_combos
+    if not config.eval_size <= pool <= config.combos:
+        raise FlameError(f"eval_size {config.eval_size} needs at least as many test combinations ({pool}), "
+                         f"and those at most the {config.combos} training combinations")
     rng = random.Random(f"scenes/{config.seed}/combos")
     cats = list(CATEGORIES)
     combos = _pairs(rng, config.combos)
@@ -148,7 +155,7 @@ def plan(config: ScenesConfig) -> Plan:
         train.extend(s for pair in pairs for s in pair)
     train = train[: config.train]
     pick = random.Random(f"scenes/{config.seed}/test")
-    test = pick.sample(combos, config.eval_size)
+    test = pick.sample(combos[:pool], config.eval_size)
     comp_rng = random.Random(f"scenes/{config.seed}/compositional")
     compositional = _distinct(comp_rng, config.eval_size,
                               lambda i: _random_scene(comp_rng, main=cats[i % len(cats)], heldout_main=True))
