@@ -53,14 +53,14 @@ def evaluate_models(paths: DemoPaths, s: DemoSettings, progress: bool) -> dict:
         for name, (model, text) in models.items():
             r = evaluate(model, ds, task=task, prompts=s.eval_prompts, workers=0, cache_dir=paths.image_cache,
                          progress=False, text=text)
-            metrics[name][split] = _our_metrics(r, split, len(ds.classnames or []) if split == "zeroshot" else 0)
+            metrics[name][split] = our_metrics(r, split, len(ds.classnames or []) if split == "zeroshot" else 0)
     for name in MODELS:
         langs = [metrics[name][split] for split in SPLITS if split.startswith("multilingual-")]
         metrics[name]["multilingual"] = {k: sum(m[k] for m in langs) / len(langs) for k in langs[0]}
     return metrics
 
 
-def _our_metrics(result: dict, split: str, classes: int) -> dict:
+def our_metrics(result: dict, split: str, classes: int) -> dict:
     m = result["metrics"]
     if split == "zeroshot":
         return {"top1": m["acc1"], "top5": m.get("acc5"), "chance": 1.0 / classes}

@@ -190,15 +190,9 @@ class Demo:
 
     # 3 ----------------------------------------------------------------------------------------
     def _embed_settings(self):
-        """`flame embed`'s configuration (`flame.embed.Config`, checked as the command line checks it):
-        the short set on the short caption, the long set on the long one. The LLM dtype is filled in by
-        stage 2's measurement."""
-        from flame import embed
-        from flame.config import validate
-
-        return validate(embed.Config(
-            data=[str(self.paths.data / "train")], prompts=["short=txt", "long=long.txt"], llm=self.s.llm,
-            layer=self.s.layer, out=str(self.paths.store), device="cpu", llm_dtype="float32"))
+        """`flame embed`'s configuration: the short set on the short caption, the long set on the long
+        one. The LLM dtype is filled in by stage 2's measurement."""
+        return embed_config(self.s, self.paths.data / "train", ["short=txt", "long=long.txt"], self.paths.store)
 
     def _embed(self, st: Stages) -> None:
         store = self.paths.store
@@ -216,21 +210,9 @@ class Demo:
         st.end()
 
     # 4 ----------------------------------------------------------------------------------------
-    # Both trainings load data in the training process (workers=0): on a 2-core CPU a loader process
-    # competes with the two compute threads, and measured 361 img/s against 429 in-process. The stream
-    # seeds every sample's crop and facets itself, so the batches (and the numbers) are the same.
     def _train_config(self):
-        """The FLAME run's configuration (`flame.train.TrainConfig`), built once per demo run."""
-        from flame.train import TrainConfig
-
-        s = self.s
-        return TrainConfig(
-            data=[str(self.paths.data / "train")], embeddings=str(self.paths.store), out=str(self.paths.flame_run),
-            tower=s.tower, image_size=s.image_size, proj_hidden=s.proj_hidden, pool_first=s.pool_first,
-            init_logit_scale=s.init_logit_scale, batch_size=s.batch_size, steps=s.steps, lr=s.lr, warmup=s.warmup,
-            weight_decay=s.weight_decay, workers=0, device="cpu", seed=s.seed, log_every=10,
-            save_every=max(50, s.steps // 4), keep=1, tensorboard=False, progress=self.progress,
-        )
+        return flame_train_config(self.s, self.paths.data / "train", self.paths.store, self.paths.flame_run,
+                                  self.progress)
 
     def _train(self, st: Stages) -> None:
         from flame.train import train
@@ -261,19 +243,12 @@ class Demo:
 
     # 5 ----------------------------------------------------------------------------------------
     def _clip_config(self):
-        """The CLIP baseline's configuration: the trained FLAME tower, the same stream and schedule;
-        `flame.baseline.is_complete` compares all of it with the finished run's."""
-        from flame.baseline import BaselineConfig, ClipTextConfig
+        """The CLIP baseline's configuration: the trained FLAME tower, the same stream and schedule."""
         from flame.model import FlameModel
 
-        s = self.s
-        tower = FlameModel.load(self.paths.flame_checkpoint(s.steps)).tower_config.to_dict()
-        return BaselineConfig(
-            shards=[str(p) for p in sorted((self.paths.data / "train").glob("*.tar"))], store=str(self.paths.store),
-            out=str(self.paths.clip_run), tower=tower, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-            warmup=s.warmup, weight_decay=s.weight_decay, seed=s.seed, workers=0, text=ClipTextConfig(**s.clip_text),
-            data=self.scenes_config.to_dict(),
-        )
+        tower = FlameModel.load(self.paths.flame_checkpoint(self.s.steps)).tower_config.to_dict()
+        return clip_config(self.s, self.paths.data / "train", self.paths.store, self.paths.clip_run, tower,
+                           self.scenes_config.to_dict())
 
     def _clip(self, st: Stages) -> None:
         from flame.baseline import is_complete, train_baseline
@@ -286,3 +261,44 @@ class Demo:
             return
         train_baseline(cfg, progress=self.progress)
         st.end()
+
+
+# The stages' configurations, from the settings and where things are (also built by `flame study`)
+def embed_config(s: DemoSettings, data: Path, prompts: list[str], out: Path, positions: str = "restart"):
+    """`flame embed`'s configuration (`flame.embed.Config`, checked as the command line checks it), on
+    the CPU in fp32 (the caller swaps in the dtype its measurement chose)."""
+    from flame import embed
+    from flame.config import validate
+
+    return validate(embed.Config(data=[str(data)], prompts=list(prompts), llm=s.llm, layer=s.layer, out=str(out),
+                                 device="cpu", llm_dtype="float32", positions=positions))
+
+
+# Both trainings load data in the training process (workers=0): on a 2-core CPU a loader process
+# competes with the two compute threads, and measured 361 img/s against 429 in-process. The stream
+# seeds every sample's crop and facets itself, so the batches (and the numbers) are the same.
+def flame_train_config(s: DemoSettings, data: Path, store: Path, out: Path, progress: bool, facets: str = "all"):
+    """A FLAME run's configuration (`flame.train.TrainConfig`)."""
+    from flame.train import TrainConfig
+
+    return TrainConfig(
+        data=[str(data)], embeddings=str(store), out=str(out), tower=s.tower, image_size=s.image_size,
+        proj_hidden=s.proj_hidden, pool_first=s.pool_first, init_logit_scale=s.init_logit_scale, facets=facets,
+        batch_size=s.batch_size, steps=s.steps, lr=s.lr, warmup=s.warmup, weight_decay=s.weight_decay, workers=0,
+        device="cpu", seed=s.seed, log_every=10, save_every=max(50, s.steps // 4), keep=1, tensorboard=False,
+        progress=progress,
+    )
+
+
+def clip_config(s: DemoSettings, data: Path, store: Path, out: Path, tower: dict, data_key: dict,
+                caption_ext: str = "txt", context_length: int | None = None):
+    """A CLIP baseline's configuration: `tower` (a trained FLAME run's TowerConfig.to_dict()), the same
+    stream and schedule; `flame.baseline.is_complete` compares all of it with the finished run's."""
+    from flame.baseline import BaselineConfig, ClipTextConfig
+
+    text = {**s.clip_text, **({"context_length": context_length} if context_length else {})}
+    return BaselineConfig(
+        shards=[str(p) for p in sorted(Path(data).glob("*.tar"))], store=str(store), out=str(out), tower=tower,
+        steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, weight_decay=s.weight_decay, seed=s.seed,
+        workers=0, text=ClipTextConfig(**text), caption_ext=caption_ext, data=data_key,
+    )
