@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("flame.convert", "the FLAME release's open_clip checkpoint -> a FlameModel folder"),
     "push": ("flame.push", "a run or model folder -> a Hugging Face Hub repo, with a generated model card"),
     "search": ("flame.search", "index a photo folder with a trained model, query it with text, HTML contact sheet"),
+    "study": ("flame.study", "FLAME's claims measured on generated scenes (data efficiency, long captions, facets)"),
     "demo": ("flame.demo", "generated scenes -> embed -> train -> eval, FLAME beside a CLIP baseline, with a report"),
 }
 S = argparse.SUPPRESS
