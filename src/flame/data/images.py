@@ -45,6 +45,7 @@ import torch
 from PIL import Image, ImageOps
 
 from flame.data.draft import draft_scale, oriented_size, request_draft, scaled_box
+from flame.data.memo import Memo
 from flame.data.shards import expand_shards, shard_name, tar_keys  # tar_keys: the one key scanner, re-exported
 from flame.errors import FlameError
 
@@ -209,7 +210,18 @@ def load_image(
     A JPEG is decoded at the smallest size its crop still covers with S x S pixels (`flame.data.draft`;
     `reduce=False`: always in full). Raises UndecodableImage (or PIL's error for a corrupt file) for
     what is not decoded."""
+    return decode_full(data, size, rng, scale, max_pixels, reduce)[0]
+
+
+def decode_full(
+    data: bytes, size: int, rng: random.Random | None, scale=(0.9, 1.0), max_pixels: int = MAX_PIXELS,
+    reduce: bool = True,
+) -> tuple[torch.Tensor, Image.Image | None, tuple[int, int], bool]:
+    """`load_image`, also returning the decoded RGB image when it was decoded at full size and
+    stood up as its header said (else None; `flame.data.memo` keeps it), the full (oriented) size
+    and whether the file is a JPEG."""
     img = open_image(data, max_pixels)
+    jpeg = img.format == "JPEG"
     full = oriented_size(img)  # the crop is drawn from the full size, whatever the decode's scale
     saved = rng.getstate() if rng is not None else None
     box = _crop(rng, full, scale)
@@ -217,16 +229,37 @@ def load_image(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = as_rgb(img)
+    whole = None
     if img.size != (-(-full[0] // drafted), -(-full[1] // drafted)):  # stood up otherwise than the header said
         if rng is not None:
             rng.setstate(saved)
         if drafted > 1:
-            return load_image(data, size, rng, scale, max_pixels, reduce=False)
+            return decode_full(data, size, rng, scale, max_pixels, reduce=False)
         box = _crop(rng, img.size, scale)
     elif drafted > 1:
         box = scaled_box(box, full, img.size)
-    img = img.resize((size, size), Image.BICUBIC, box=box)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    else:
+        whole = img
+    out = img.resize((size, size), Image.BICUBIC, box=box)
+    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1), whole, full, jpeg
+
+
+def load_kept(memo: Memo, key: str, data: bytes, c: StreamConfig, rng: random.Random) -> torch.Tensor:
+    """`load_image` for the training stream, from the full-size decode an earlier epoch kept in
+    `memo` where the uncached path would decode at full size too (the same pixels: bit-identical)."""
+    hit = memo.image(key)
+    if hit is not None:
+        rgb, full, jpeg = hit
+        saved = rng.getstate()
+        box = _crop(rng, full, c.crop_scale)
+        if not (c.reduced_decode and jpeg and draft_scale(*full, box, c.image_size) > 1):
+            out = rgb.resize((c.image_size, c.image_size), Image.BICUBIC, box=box)
+            return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+        rng.setstate(saved)  # this crop is decoded at a reduced scale: the uncached path
+    out, rgb, full, jpeg = decode_full(data, c.image_size, rng, c.crop_scale, c.max_pixels, c.reduced_decode)
+    if rgb is not None:
+        memo.keep(key, (rgb, full, jpeg), rgb.width * rgb.height)
+    return out
 
 
 def _crop(rng: random.Random | None, full: tuple[int, int], scale) -> tuple[int, int, int, int]:
@@ -309,6 +342,7 @@ class StreamConfig:
     sources: list[dict] | None = None  # a weighted mix (flame.data.mix): [{"shards": [paths], "weight": w}, ...]
     epoch_samples: int = 0  # with sources: the samples of one (reported) epoch
     reduced_decode: bool = True  # JPEGs decoded at the smallest size their crop allows (flame.data.draft)
+    memo_bytes: int = 256 << 20  # a data set this small stays in memory per worker across epochs (flame.data.memo)
 
 
 class _Batcher:
@@ -316,6 +350,7 @@ class _Batcher:
 
     def __init__(self, config: StreamConfig, store):
         self.config, self.store = config, store
+        self.memo = Memo(config.shards, config.memo_bytes)
         self.have = set(store.shards)
         self.counts = {"missing": 0, "undecodable": 0, "samples": 0}
         self.batch: list[tuple[torch.Tensor, np.ndarray, str]] = []
@@ -336,7 +371,7 @@ class _Batcher:
         try:
             if data is None:
                 raise ValueError("no image")
-            img = load_image(data, c.image_size, rng, c.crop_scale, c.max_pixels, c.reduced_decode)
+            img = load_kept(self.memo, f"{name}/{key}", data, c, rng)
         except Exception:
             counts["undecodable"] += 1
             return False
@@ -402,7 +437,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             mine, part, parts = worker_shards(order, g, G)
             pos = 0  # samples of this worker passed in this epoch
             used_this_epoch = 0
-            stream = wds.tarfile_samples([{"url": u} for u in mine], handler=wds.warn_and_continue)
+            stream = reader.memo.samples(mine, handler=wds.warn_and_continue)
             for i, sample in enumerate(stream):
                 if i % parts != part:
                     continue
