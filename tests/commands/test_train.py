@@ -435,3 +435,38 @@ def test_clip_baseline_runs_on_the_train_loop(small_set, tmp_path):
     assert image.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 16) and text.encode(["a"]).shape == (1, 16)
     with pytest.raises(Exception, match="--batch-size"):
         BaselineConfig(shards=cfg.shards, store=cfg.store, out=cfg.out, tower=tower, steps=3, batch_size=0)
+
+
+def test_clip_baseline_tokenizes_each_caption_once_with_the_same_result(small_set, tmp_path, monkeypatch):
+    """The captions are tokenized once before training; the run is bit-identical to tokenizing
+    each batch's captions as it comes."""
+    from safetensors.torch import load_file
+
+    import flame.baseline as baseline
+    from flame.baseline import BaselineConfig, ClipTextConfig, train_baseline
+    from flame.data.images import normalize_images
+
+    tower = {"tower": "vit-tiny", "embed_dim": 16, "proj_hidden": 32, "pool_first": False, "image_size": 32,
+             "tower_kwargs": {}}
+
+    def run(name):
+        cfg = BaselineConfig(shards=[str(p) for p in sorted((small_set / "shards").glob("*.tar"))],
+                             store=str(small_set / "store"), out=str(tmp_path / name), tower=tower, steps=4,
+                             batch_size=8, lr=1e-3, warmup=1, seed=0, workers=0,
+                             text=ClipTextConfig(width=32, heads=2, layers=1))
+        return load_file(str(train_baseline(cfg, progress=False) / "text.safetensors"))
+
+    calls = []
+    real = baseline.ClipTextTower.tokenize
+    monkeypatch.setattr(baseline.ClipTextTower, "tokenize", lambda self, t: calls.append(len(t)) or real(self, t))
+    once = run("once")
+    assert len(calls) == 1  # all captions, before the first step
+
+    def per_batch(self, batch):  # the loss as it was: each batch's captions tokenized when it comes
+        images = normalize_images(batch["images"].to(self.device), self.model.mean, self.model.std)
+        tokens = self.text.tokenize([self.captions[k] for k in batch["keys"]]).to(self.device)
+        return self.loss_fn(self.model.visual(images), self.text(tokens), self.text.logit_scale.exp())
+
+    monkeypatch.setattr(baseline.ClipTrainer, "loss", per_batch)
+    each = run("each")
+    assert once.keys() == each.keys() and all(torch.equal(once[k], each[k]) for k in once)
