@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flame.errors import FlameError
+from flame.fileio import write_atomic
 from flame.study.settings import PARTS, Config, StudySettings
 
 DESCRIPTION = ("Measure FLAME's claims on generated scenes: data efficiency against a CLIP baseline, long captions "
@@ -39,8 +40,8 @@ def main(cfg: Config) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / OWN_MARK).is_file())):
         raise FlameError(f"--out {out} exists and is not a flame study folder; choose a new or empty --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / OWN_MARK).write_text("made by flame study: its data/, store/, runs/, cache/ are replaced when settings "
-                                "change\n")
+    write_atomic(out / OWN_MARK, "made by flame study: its data/, store/, runs/, cache/ are replaced when settings "
+                 "change\n")
     Study(out, cfg.settings(), cfg.parts(), progress=cfg.progress).run()
     print((out / "study.md").read_text())
     return 0
