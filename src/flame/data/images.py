@@ -493,12 +493,5 @@ def make_loader(config: StreamConfig, workers: int, pin_memory: bool = False) ->
     )
 
 
-__all__ = [
-    "StreamConfig",
-    "TrainStream",
-    "check_data",
-    "eligible_facets",
-    "make_loader",
-    "normalize_images",
-    "resolve_shards",
-]
+__all__ = ["StreamConfig", "TrainStream", "check_data", "eligible_facets", "make_loader", "normalize_images",
+           "resolve_shards"]
