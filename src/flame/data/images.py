@@ -229,7 +229,6 @@ def decode_full(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = as_rgb(img)
-    whole = None
     if img.size != (-(-full[0] // drafted), -(-full[1] // drafted)):  # stood up otherwise than the header said
         if rng is not None:
             rng.setstate(saved)
@@ -238,10 +237,14 @@ def decode_full(
         box = _crop(rng, img.size, scale)
     elif drafted > 1:
         box = scaled_box(box, full, img.size)
-    else:
-        whole = img
-    out = img.resize((size, size), Image.BICUBIC, box=box)
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1), whole, full, jpeg
+    whole = img if drafted == 1 and img.size == full else None  # a full decode, as the header said
+    return _resized(img, size, box), whole, full, jpeg
+
+
+def _resized(img: Image.Image, size: int, box) -> torch.Tensor:
+    """The bicubic resize of `box` to size x size -> uint8 [3, S, S]."""
+    pixels = np.asarray(img.resize((size, size), Image.BICUBIC, box=box), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def load_kept(memo: Memo, key: str, data: bytes, c: StreamConfig, rng: random.Random) -> torch.Tensor:
@@ -253,8 +256,7 @@ def load_kept(memo: Memo, key: str, data: bytes, c: StreamConfig, rng: random.Ra
         saved = rng.getstate()
         box = _crop(rng, full, c.crop_scale)
         if not (c.reduced_decode and jpeg and draft_scale(*full, box, c.image_size) > 1):
-            out = rgb.resize((c.image_size, c.image_size), Image.BICUBIC, box=box)
-            return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+            return _resized(rgb, c.image_size, box)
         rng.setstate(saved)  # this crop is decoded at a reduced scale: the uncached path
     out, rgb, full, jpeg = decode_full(data, c.image_size, rng, c.crop_scale, c.max_pixels, c.reduced_decode)
     if rgb is not None:
