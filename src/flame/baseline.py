@@ -99,7 +99,7 @@ class ClipTextTower(nn.Module):
         self.tokenizer = SimpleTokenizer(context_length=config.context_length)
         self.transformer = TextTransformer(
             context_length=config.context_length, vocab_size=VOCAB, width=config.width, heads=config.heads,
-            layers=config.layers, output_dim=embed_dim,
+            layers=config.layers, output_dim=embed_dim, pool_type="argmax",
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
 
@@ -108,10 +108,22 @@ class ClipTextTower(nn.Module):
         return self.logit_scale.device
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(texts))
+        """[N, L] token ids, cut after the texts' last end-of-text (L <= the context): the mask is
+        causal, so the padding after it never reaches the pooled end-of-text feature. The demo's
+        ~15-token captions in a context of 32 cost the text tower half the work this way."""
+        tokens = self.tokenizer(list(texts))
+        return tokens[:, : int(tokens.argmax(-1).max()) + 1] if len(tokens) else tokens
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.transformer(tokens).float(), dim=-1)
+        """open_clip's `TextTransformer.forward` (causal mask, end-of-text pooling: the largest id)
+        on [N, L] tokens of any L <= the context, which its own forward does not accept."""
+        tt, n = self.transformer, tokens.shape[1]
+        x, mask = tt._embeds(tokens)
+        x = tt.ln_final(tt.transformer(x, attn_mask=None if mask is None else mask[..., :n, :n]))
+        pooled = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
+        proj = tt.text_projection
+        pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return F.normalize(pooled.float(), dim=-1)
 
 
 class ClipText:
