@@ -8,13 +8,16 @@ GGUF loading de-quantizes every tensor, so the converted weights are cached on d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import logging
 import os
 import re
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -100,9 +103,12 @@ def _convert_gguf(path: Path, tmp: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (de-quantizing once; cached in %s)", path.name, target)
+    # transformers' own tensor bar: without a terminal (a log file, CI) its carriage returns pile up
+    quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise FlameError(f"cannot load GGUF file {path}: {e}") from e
     # The de-quantized weights are plain tensors; drop the quantizer marker so they can be saved.

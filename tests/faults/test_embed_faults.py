@@ -324,6 +324,25 @@ def test_killed_conversion_leaves_no_temporary_folder_behind(fake_gguf):
     assert flame_llm._gguf_cached(path) == target and len(calls) == 2 and not stale[0].exists()
 
 
+def test_a_conversion_without_a_terminal_writes_no_library_progress_bar(fake_gguf, monkeypatch, capsys):
+    """transformers draws a tqdm bar over the GGUF tensors; in a log file its carriage returns pile up."""
+    import transformers
+    from tqdm.auto import tqdm
+
+    path, calls = fake_gguf
+    loader = transformers.AutoModelForCausalLM.from_pretrained
+
+    def with_a_bar(*a, **kw):
+        for _ in tqdm(range(50), desc="Converting and de-quantizing GGUF tensors...", mininterval=0):
+            pass
+        return loader(*a, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", with_a_bar)
+    assert (flame_llm._gguf_cached(path) / "config.json").is_file() and len(calls) == 1
+    err = capsys.readouterr().err
+    assert "\r" not in err and "Converting" not in err
+
+
 def test_tiny_vectors_unchanged(tmp_path, corpus, tiny_llm_dir, capsys):
     """Sanity: the store's vectors are finite and unit-norm after all the checks."""
     root, _ = corpus
