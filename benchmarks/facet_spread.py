@@ -13,20 +13,20 @@ little to separate images by; the study uses this to ask why more facets did not
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 
-def facet_vectors(store: Path) -> tuple[list[str], np.ndarray]:
-    """(facet names, [N, K, D] float32 over all shards)."""
-    manifest = json.loads((store / "manifest.json").read_text())
-    shards = sorted((store / "shards").glob("*.npy"))
-    if not shards:
-        raise SystemExit(f"{store}: no shards")
-    return manifest["facets"], np.concatenate([np.load(p, mmap_mode="r").astype(np.float32) for p in shards])
+def facet_vectors(path: Path) -> tuple[list[str], np.ndarray]:
+    """(facet names, [N, K, D] float32 over the store's complete shards, dequantised and checked)."""
+    from flame.store import EmbeddingStore
+
+    store = EmbeddingStore(path)
+    if not store.shards:
+        raise SystemExit(f"{path}: no complete shards")
+    return store.facet_names, np.concatenate([store.get(name, slice(None)) for name in store.shards])
 
 
 def spread(vectors: np.ndarray) -> dict[str, float]:

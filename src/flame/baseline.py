@@ -117,10 +117,12 @@ class ClipTextTower(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """open_clip's `TextTransformer.forward` (causal mask, end-of-text pooling: the largest id)
         on [N, L] tokens of any L <= the context, which its own forward does not accept."""
+        from open_clip.transformer import text_global_pool
+
         tt, n = self.transformer, tokens.shape[1]
         x, mask = tt._embeds(tokens)
         x = tt.ln_final(tt.transformer(x, attn_mask=None if mask is None else mask[..., :n, :n]))
-        pooled = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
+        pooled = text_global_pool(x, tokens, pool_type=tt.pool_type)
         proj = tt.text_projection
         pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
         return F.normalize(pooled.float(), dim=-1)
