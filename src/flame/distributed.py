@@ -190,12 +190,33 @@ def leave_together() -> None:
 def all_gather_constant(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0, in rank order. No gradient flows back:
     this is for constant inputs (the frozen LLM's text embeddings). Same shape on all ranks."""
-    if world_size() == 1:
-        return x
-    x = x.detach().contiguous()
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+    return start_gather_constant(x).wait()
+
+
+class Gathering:
+    """An `all_gather_constant` in flight (issued with async_op): the work between `start_gather_constant`
+    and `wait` (a training step's forward) overlaps the transfer. On CUDA `wait` only makes the current
+    stream wait for the collective; the host does not block."""
+
+    def __init__(self, x: torch.Tensor):
+        self._done: torch.Tensor | None = x if world_size() == 1 else None
+        if self._done is None:
+            x = x.detach().contiguous()
+            self._parts = [torch.empty_like(x) for _ in range(world_size())]
+            self._work = dist.all_gather(self._parts, x, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        """The rank-ordered concatenation (waited for once; later calls return it)."""
+        if self._done is None:
+            self._work.wait()
+            self._done = torch.cat(self._parts, dim=0)
+            del self._parts, self._work
+        return self._done
+
+
+def start_gather_constant(x: torch.Tensor) -> Gathering:
+    """Issue `all_gather_constant(x)` and return at once; `.wait()` gives the result."""
+    return Gathering(x)
 
 
 class _GatherWithGrad(torch.autograd.Function):

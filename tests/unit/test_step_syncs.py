@@ -1,11 +1,15 @@
 """Issue 15 items 7 and 10: a training step reads nothing back from the device (the non-finite
 guard decides on the device and a fused AdamW skips on it), agrees on data errors once per step
-rather than once per micro-batch, and the gloo side channel for those agreements works."""
+rather than once per micro-batch, overlaps the texts' all-gather with the forward, and the gloo
+side channel for those agreements works."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +150,49 @@ def test_the_gloo_side_channel_carries_the_error_agreements(tmp_path):
         assert f"rank {r} agreed: rank 1: no usable sample here" in p.stdout
         assert f"rank {r} decided: refused by rank 0" in p.stdout
         assert f"rank {r} sum 3" in p.stdout
+
+
+OVERLAP = textwrap.dedent("""
+    import json, sys, torch.distributed as td
+    from pathlib import Path
+    from flame import distributed
+    from support.accumulation import make_trainer, one_step
+    root, accum, out = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    distributed.init("cpu")
+    trainer = make_trainer(root, f"run-{accum}", 2, accum)
+    events = []
+    real_gather, real_wait = td.all_gather, distributed.Gathering.wait
+    def gather(parts, x, *a, async_op=False, **k):  # the texts' gather (float); not the agreements' objects
+        if x.is_floating_point():
+            events.append("gather async" if async_op else "gather")
+        return real_gather(parts, x, *a, async_op=async_op, **k)
+    def wait(self):
+        events.append("wait")
+        return real_wait(self)
+    td.all_gather, distributed.Gathering.wait = gather, wait
+    trainer.model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    one_step(trainer, iter(trainer.make_loader()))
+    Path(f"{out}.{distributed.rank()}").write_text(json.dumps(events))
+    distributed.leave_together()
+    distributed.shutdown()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_texts_all_gather_is_in_flight_during_the_forward(data, tmp_path, accum):
+    """The stored texts are known before the step, so `decomposed` issues their all-gather (async)
+    before the first forward and waits for it only after: the transfer overlaps the forward. That the
+    step's result is unchanged is test_accumulation's two-process test."""
+    script = tmp_path / "overlap.py"
+    script.write_text(OVERLAP)
+    tests = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), tests) if p))
+    out = tmp_path / "events"
+    p = subprocess.run([*TORCHRUN_2, str(script), str(data), str(accum), str(out)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in (0, 1):
+        events = json.loads(Path(f"{out}.{r}").read_text())
+        assert events == ["gather async", "forward", "wait"] + ["forward"] * (accum - 1)

@@ -17,6 +17,8 @@ needs nothing but the texts of the whole accumulated batch (`flame.train.accumul
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -54,9 +56,15 @@ class FlameLoss(nn.Module):
         """[b, P, D] of this rank -> [W*b, P, D] of every rank, in rank order (no gradient), in at
         least float32. They cross ranks in their own dtype (the store's fp16: half the bytes of fp32,
         and the conversion after is exact)."""
+        return self.start_gather_texts(texts)()
+
+    def start_gather_texts(self, texts: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """`gather_texts` issued now; calling the result waits for it. The texts are known before the
+        forward, so their transfer overlaps it (`flame.train.accumulate.decomposed`)."""
         wide = torch.promote_types(texts.dtype, torch.float32)
         if self.world()[1] == 1:
-            return texts.to(wide)
+            return lambda: texts.to(wide)
         from flame import distributed
 
-        return distributed.all_gather_constant(texts).to(wide)
+        gathering = distributed.start_gather_constant(texts)
+        return lambda: gathering.wait().to(wide)

@@ -6,9 +6,10 @@ accumulated batch of every rank needs, beside the images, only texts that are kn
 first forward. Two ways, by what the loss needs (`FlameLoss.decomposes`):
 
 - `decomposed` (mp-sigmoid, siglip: a sum of one term per image): each micro-batch's images are
-  scored against the texts of the whole accumulated batch of every rank (all-gathered once),
-  divided by the images of the rank's accumulated batch. The micro-batch terms add up to the
-  full batch's loss and gradients; nothing is computed twice.
+  scored against the texts of the whole accumulated batch of every rank (all-gathered once, the
+  transfer in flight during the first forward), divided by the images of the rank's accumulated
+  batch. The micro-batch terms add up to the full batch's loss and gradients; nothing is computed
+  twice. Also the path of accum = 1.
 - `cached` (mp-softmax, clip: text->image softmaxes over every image): a pre-pass without
   gradient embeds every micro-batch's images; the loss of the whole accumulated batch is computed
   once on those embeddings (as leaves, gathered across ranks with gradient), which gives its
@@ -32,9 +33,9 @@ from flame import distributed as dist
 
 def exact(trainer, micro: list[dict]) -> torch.Tensor:
     """The full batch's gradients, by the way the trainer's loss needs."""
-    if len(micro) == 1:
-        return per_micro(trainer, micro)
-    return decomposed(trainer, micro) if trainer.loss_fn.decomposes else cached(trainer, micro)
+    if trainer.loss_fn.decomposes:
+        return decomposed(trainer, micro)
+    return per_micro(trainer, micro) if len(micro) == 1 else cached(trainer, micro)
 
 
 def per_micro(trainer, micro: list[dict]) -> torch.Tensor:
@@ -49,8 +50,13 @@ def per_micro(trainer, micro: list[dict]) -> torch.Tensor:
 
 
 def decomposed(trainer, micro: list[dict]) -> torch.Tensor:
+    """The texts' all-gather is issued before the first forward and waited for after it, so the
+    transfer (on many GPUs the largest of the step: every rank's m stored vectors of D) overlaps
+    the image tower's forward."""
     loss_fn = trainer.loss_fn
-    texts = loss_fn.gather_texts(torch.cat([loss_fn.pick(trainer.texts(b)) for b in micro]))  # [W*n, P, D]
+    local = [loss_fn.pick(trainer.texts(b)) for b in micro]
+    gathered = loss_fn.start_gather_texts(torch.cat(local))  # [W*n, P, D] once waited for
+    texts = None
     n = sum(len(b["texts"]) for b in micro)  # this rank's images
     first = loss_fn.world()[0] * n
     total = torch.zeros((), device=trainer.device)
@@ -58,6 +64,8 @@ def decomposed(trainer, micro: list[dict]) -> torch.Tensor:
         with dist.no_sync(trainer.ddp, i < len(micro) - 1):
             with trainer.autocast():
                 out = trainer.ddp(trainer.images(batch))
+                loss_fn.check(out["image"], local[i])
+                texts = gathered() if texts is None else texts
                 share = loss_fn.rows(out["image"], texts, first, n, out["logit_scale"], out["logit_bias"])
             share.backward()
         total = total + share.detach().float()
