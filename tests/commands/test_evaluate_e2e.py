@@ -254,11 +254,11 @@ def test_training_evaluates_without_the_llm_in_memory(trained, tmp_path, monkeyp
 
     before = llms_alive()  # models other tests may have left behind (normally 0)
     seen = {"steps": [], "evals": []}
-    forward = MultiPositiveSigmoidLoss.forward
+    rows = MultiPositiveSigmoidLoss.rows  # a micro-batch's loss, on every path of the step
 
-    def checked_forward(self, *a, **k):
+    def checked_rows(self, *a, **k):
         seen["steps"].append(llms_alive())
-        return forward(self, *a, **k)
+        return rows(self, *a, **k)
 
     evaluate = TrainEvaluator.evaluate
 
@@ -266,7 +266,7 @@ def test_training_evaluates_without_the_llm_in_memory(trained, tmp_path, monkeyp
         seen["evals"].append((llms_alive(), self.encoder.llm_loaded))
         return evaluate(self, model)
 
-    monkeypatch.setattr(MultiPositiveSigmoidLoss, "forward", checked_forward)
+    monkeypatch.setattr(MultiPositiveSigmoidLoss, "rows", checked_rows)
     monkeypatch.setattr(TrainEvaluator, "evaluate", checked_evaluate)
     out = tmp_path / "run"
     with_tensorboard = [a for a in TINY if a != "--no-tensorboard"]

@@ -147,15 +147,15 @@ def poison_losses(monkeypatch, bad) -> list[int]:
     itself refuses NaN rows when they are read; this reaches the step.)"""
     from flame.loss import MultiPositiveSigmoidLoss
 
-    real = MultiPositiveSigmoidLoss.forward
+    real = MultiPositiveSigmoidLoss.rows  # a micro-batch's loss, on every path of the step
     calls: list[int] = []
 
-    def forward(self, *args, **kwargs):
+    def rows(self, *args, **kwargs):
         loss = real(self, *args, **kwargs)
         calls.append(len(calls) + 1)
         return loss * float("nan") if bad(calls[-1]) else loss
 
-    monkeypatch.setattr(MultiPositiveSigmoidLoss, "forward", forward)
+    monkeypatch.setattr(MultiPositiveSigmoidLoss, "rows", rows)
     return calls
 
 
