@@ -6,7 +6,9 @@ machine are noise, the ratio is the figure).
     PYTHONPATH=src .venv/bin/python benchmarks/train_trees.py BEFORE_SRC AFTER_SRC [ROUNDS] [-- extra flame train flags]
 
 e.g. `git worktree add ../base ec618f8`, then
-`PYTHONPATH=src .venv/bin/python benchmarks/train_trees.py ../base/src src 5`.
+`PYTHONPATH=src .venv/bin/python benchmarks/train_trees.py ../base/src src 5`. A tree may name flags
+of its own after a colon (comma-separated): `src src:--compile 3` is one tree without and with
+`--compile`.
 The step time comes from log.jsonl's `images_per_s` after the first log line (warm-up left out).
 """
 
@@ -34,7 +36,9 @@ def make_data(root: Path) -> None:
     bag_of_words_store(paths, root / "store", dim=16, k=3)
 
 
-def one_run(src: str, root: Path, out: Path, extra: list[str]) -> float:
+def one_run(tree: str, root: Path, out: Path, extra: list[str]) -> float:
+    src, _, own = tree.partition(":")
+    extra = [*extra, *(own.split(",") if own else [])]
     env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
     cmd = [sys.executable, "-m", "flame", "train", "--data", str(root / "shards"), "--embeddings",
            str(root / "store"), "--out", str(out), "--steps", str(STEPS), "--log-every", str(LOG), *FLAGS, *extra]

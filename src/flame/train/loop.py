@@ -25,7 +25,7 @@ from flame.train.config import TrainConfig
 from flame.train.guard import NonFiniteGuard, step_unless
 from flame.train.logger import Console, Logger, Meter
 from flame.train.optim import adamw, param_groups, schedule
-from flame.train.plan import Plan, grad_checkpointing, use_bf16
+from flame.train.plan import Plan, compile_ready, grad_checkpointing, use_bf16
 from flame.train.state import TrainState, checkpoint_state, seed_everything
 
 log = logging.getLogger("flame.train")
@@ -59,6 +59,9 @@ class Trainer:
         self.model = build_model(cfg, plan, self.device)
         self.load_resumed_weights()  # before DDP, whose first broadcast then gives every rank rank 0's weights
         self.ddp = dist.wrap_ddp(self.model, self.device)
+        if cfg.compile:  # the forward only: checkpoints, evaluation and the state dict use the plain model
+            compile_ready(self.device)
+            self.ddp = torch.compile(self.ddp)
         self.trained: torch.nn.Module = self.model
         self.optimizers = [adamw(param_groups(self.model, cfg.weight_decay), cfg.lr, cfg.betas, cfg.eps)]
         self.schedulers = [schedule(self.optimizers[0], plan.warmup, plan.steps, cfg.lr, cfg.min_lr)]

@@ -288,6 +288,22 @@ def grad_checkpointing(cfg: TrainConfig) -> bool:
     return bool(cfg.grad_checkpointing)
 
 
+def compile_ready(device: torch.device) -> None:
+    """--compile: inductor writes C++ on the CPU and Triton kernels on CUDA; without the toolchain the
+    first step would fail deep inside torch, so it is refused before anything trains."""
+    import importlib.util
+    import os
+    import shutil
+
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise FlameError("--compile: torch.compile on CUDA needs Triton (pip install triton), "
+                             "or leave --compile off")
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c):
+        raise FlameError("--compile: torch.compile on the CPU needs a C++ compiler (set CXX or install g++), "
+                         "or leave --compile off")
+
+
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """bf16 autocast: asked for, or "auto" on a GPU that computes bf16 natively (Ampere or newer;
     a V100 or T4 would emulate it, slower than fp32). Asked for on such a GPU: refused."""
