@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flame.runfolder import checkpoint_name
+
 if TYPE_CHECKING:
     from flame.demo.settings import DemoSettings
 
@@ -60,7 +62,7 @@ class DemoPaths:
         return self.out / "cache" / "images"
 
     def flame_checkpoint(self, steps: int) -> Path:
-        return self.flame_run / f"checkpoint-{steps}"
+        return self.flame_run / checkpoint_name(steps)
 
 
 @dataclass

@@ -9,10 +9,12 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from flame.demo.facts import DemoPaths
 from flame.demo.pipeline import MACHINE_ONLY, RUN_ONLY, clip_config, embed_config, flame_train_config, stage_key
 from flame.demo.stages import Stages, clock
 from flame.errors import FlameError
 from flame.fileio import write_atomic
+from flame.runfolder import checkpoint_name
 from flame.study.arms import Arm, Store, plan
 from flame.study.settings import StudySettings
 
@@ -27,32 +29,25 @@ class Study:
         self.sizes = sorted({a.size for a in self.arms} | {settings.largest})
         self.llm_info: dict = {}
         self.keys: dict[str, dict] = {}  # stage name -> its key (a stage's key holds the keys of its inputs)
+        self.layout = DemoPaths(self.out)  # the demo's folders, caches and stage records, at the same places
         self.eval_root = self.data(settings.largest) / "eval"
 
     # where things are ---------------------------------------------------------------------------
     def data(self, size: int) -> Path:
-        return self.out / "data" / f"size-{size}"
+        return self.layout.data / f"size-{size}"
 
     def store_path(self, store: Store) -> Path:
-        return self.out / "store" / store.name
+        return self.layout.store / store.name
 
     def run_path(self, arm: Arm) -> Path:
-        return self.out / "runs" / arm.name
+        return self.layout.runs / arm.name
 
     def checkpoint(self, arm: Arm) -> Path:
-        return self.run_path(arm) / f"checkpoint-{self.s.base.steps}"
-
-    @property
-    def text_cache(self) -> Path:
-        return self.out / "cache" / "text"
-
-    @property
-    def image_cache(self) -> Path:
-        return self.out / "cache" / "images"
+        return self.run_path(arm) / checkpoint_name(self.s.base.steps)
 
     # the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
-        st = Stages(self.out / "stages", self._estimates())
+        st = Stages(self.layout.stages, self._estimates())
         print(f"flame study -> {self.out}: parts {', '.join(self.parts)}; {len(self.arms)} arms of "
               f"{self.s.base.steps} steps, {len(self.stores)} stores", flush=True)
         for size in self.sizes:
@@ -196,7 +191,7 @@ class Study:
         except (OSError, ValueError, KeyError):
             pass
         model, text = self._load(arm, splits)
-        metrics = scoring.score(model, text, self.eval_root, splits, self.image_cache)
+        metrics = scoring.score(model, text, self.eval_root, splits, self.layout.image_cache)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n")
         st.end()
@@ -212,7 +207,7 @@ class Study:
         from flame.model import FlameModel
         from flame.study.scoring import texts_needed
 
-        model = FlameModel.from_pretrained(self.checkpoint(arm), cache_dir=self.text_cache)
+        model = FlameModel.from_pretrained(self.checkpoint(arm), cache_dir=self.layout.text_cache)
         for prompts, texts in texts_needed(self.eval_root, splits).items():
             todo = model.text_encoder.missing(list(dict.fromkeys(texts)), prompts)
             if todo:
