@@ -5,10 +5,12 @@ refused in one line where the compiler it needs is missing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
-from support.commands import run_flame
+from support.commands import TORCHRUN_2, run_flame
 from support.training import TINY, make_set, weights
 
 
@@ -64,3 +66,23 @@ def test_compiled_run_trains_as_the_eager_run_and_its_checkpoints_load(data, tmp
     assert _train(capsys, data, tmp_path / "compiled", "--resume", tmp_path / "compiled" / "checkpoint-2").code == 0
     redone = _losses(tmp_path / "compiled")
     assert len(redone) == 3 and abs(redone[2] - compiled[2]) <= 1e-4 * abs(compiled[2]), (redone, compiled)
+
+
+@pytest.mark.slow
+def test_two_processes_compiled_with_accumulation_log_the_eager_losses(data, tmp_path):
+    """Under DDP (torchrun, gloo) with --accum 2, where dynamo splits the graph at DDP's buckets and
+    the micro-steps go through the compiled wrapper's no_sync: the eager run's losses."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out, *extra):
+        cmd = [*TORCHRUN_2, "-m", "flame", "train", "--data", str(data / "shards"), "--embeddings",
+               str(data / "store"), "--out", str(out), *TINY, "--batch-size", "4", "--accum", "2", "--workers", "0",
+               "--steps", "3", "--warmup", "0", "--log-every", "1", "--device", "cpu", *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return _losses(out)
+
+    eager, compiled = torchrun(tmp_path / "eager"), torchrun(tmp_path / "compiled", "--compile")
+    assert len(compiled) == len(eager) == 3
+    for a, b in zip(compiled, eager):
+        assert abs(a - b) <= 1e-4 * abs(b), (compiled, eager)
