@@ -8,9 +8,12 @@ Each check is its own small function and raises one FlameError line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,10 +294,6 @@ def grad_checkpointing(cfg: TrainConfig) -> bool:
 def compile_ready(device: torch.device) -> None:
     """--compile: inductor writes C++ on the CPU and Triton kernels on CUDA; without the toolchain the
     first step would fail deep inside torch, so it is refused before anything trains."""
-    import importlib.util
-    import os
-    import shutil
-
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise FlameError("--compile: torch.compile on CUDA needs Triton (pip install triton), "
